@@ -1,0 +1,1 @@
+"""Turn image collections into largessl shard datasets (shard-format.md)."""

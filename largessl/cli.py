@@ -1,0 +1,88 @@
+"""The `largessl` command: pretrain, eval knn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from largessl.errors import UserError, one_line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit code 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="largessl", description="Self-supervised ViT pretraining on DeepSpeed ZeRO.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain an encoder (resumes the run if it exists)")
+    pretrain.add_argument("--config", required=True, help="shipped recipe name (e.g. debug/mae_vit_tiny) or YAML path")
+    pretrain.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
+    protocols = evaluate.add_subparsers(dest="protocol", required=True, parser_class=Parser)
+    knn = protocols.add_parser("knn", help="weighted k-NN accuracy of the encoder's [cls] features")
+    knn.add_argument("--checkpoint", required=True, type=Path, help="run directory (its latest checkpoint is used)")
+    knn.add_argument("--train", required=True, help="labelled dataset directory: the neighbours")
+    knn.add_argument("--val", required=True, help="labelled dataset directory: the queries")
+    knn.add_argument("--train-split", default="train")
+    knn.add_argument("--val-split", default="val")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--batch-size", type=int, default=128)
+    knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    return parser
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    from largessl.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from largessl.trainer import Trainer
+
+    return Trainer(cfg).train()
+
+
+def eval_knn(args: argparse.Namespace) -> int:
+    from largessl.eval.standalone import run_knn
+
+    if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0:
+        raise UserError("--k, --temperature and --batch-size must be > 0")
+    result = run_knn(args.checkpoint, args.train, args.val, train_split=args.train_split, val_split=args.val_split,
+                     k=args.k, temperature=args.temperature, batch_size=args.batch_size,
+                     num_workers=args.num_workers)
+    print(f"checkpoint {result['checkpoint']} (step {result['step']}): {result['num_train']} neighbours, "
+          f"{result['num_val']} queries, k={result['k']}, T={result['temperature']}")
+    if result["mlflow_run_id"]:
+        print(f"logged knn_top1 to MLflow run {result['mlflow_run_id']}")
+    print(f"knn_top1: {result['knn_top1']:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pretrain":
+            return pretrain(args)
+        return eval_knn(args)
+    except UserError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"largessl: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

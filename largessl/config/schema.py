@@ -1,0 +1,77 @@
+"""The root pretraining config: one typed section per component, each defined beside its component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from largessl.config.loader import require
+from largessl.data.config import DataConfig
+from largessl.distributed.config import DistributedConfig
+from largessl.eval.config import EvalConfig
+from largessl.models.config import ModelConfig
+from largessl.optim.config import OptimConfig
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for; the lr schedule ends here."""
+    log_every: int = 10
+    """Print a progress line and log metrics every this many optimizer steps."""
+    ckpt_every: int = 1000
+    """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk; older ones are deleted."""
+    seed: int = 0
+    """Seeds weights, data order, augmentations and masks."""
+
+    def validate(self, prefix: str = "trainer") -> None:
+        require(self.max_steps > 0, f"{prefix}.max_steps", "must be > 0")
+        require(self.log_every > 0, f"{prefix}.log_every", "must be > 0")
+        require(self.ckpt_every > 0, f"{prefix}.ckpt_every", "must be > 0")
+        require(self.keep_last > 0, f"{prefix}.keep_last", "must be > 0")
+        require(self.seed >= 0, f"{prefix}.seed", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    name: str = ""
+    """Run directory name under output_dir; empty: the recipe's file name. Same name = resume."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)."""
+    experiment: str = "largessl"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Log to MLflow at all."""
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: Any = None
+    """Tagged union: the config dataclass of the objective named by objective.name."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for name in ("model", "objective", "data", "optim", "trainer", "distributed", "eval"):
+            getattr(self, name).validate(name)
+        self.objective.validate_with_model(self.model)
+        require(bool(self.data.train), "data.train", "is required: a dataset directory (shard-format.md)")
+        require(self.eval.knn_every == 0 or bool(self.eval.knn_val or self.data.val), "eval.knn_every",
+                "needs query images: set data.val (or eval.knn_val) to a dataset directory")
+        require(self.optim.global_batch_size % self.data.micro_batch_size == 0, "optim.global_batch_size",
+                f"{self.optim.global_batch_size} is not a multiple of data.micro_batch_size "
+                f"({self.data.micro_batch_size})")

@@ -1,0 +1,46 @@
+"""Where training and evaluation images come from and how they are batched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from largessl.config.loader import require
+
+DATA_ORDERS = ("sharded", "global")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training dataset directory (shard-format.md: holds dataset.json and the shards)."""
+    train_split: str = "train"
+    """Split of `train` to pretrain on."""
+    val: str = ""
+    """Dataset directory for evaluation (k-NN queries); empty: no evaluation data."""
+    val_split: str = "val"
+    """Split of `val` used as k-NN queries."""
+    micro_batch_size: int = 64
+    """Images per rank per forward pass."""
+    num_workers: int = 8
+    """DataLoader worker processes per rank (0: decode in the training process)."""
+    shuffle_buffer: int = 2000
+    """Samples held by each reader's shuffle buffer (undecoded JPEG bytes); 0 disables it."""
+    resampled: bool = False
+    """Draw shards with replacement (webdataset's resampled mode) instead of exact epochs."""
+    order: str = "sharded"
+    """'sharded': each reader streams its own contiguous part of the epoch (scales to any dataset).
+    'global': every reader streams the whole epoch and keeps its share, so the data order is the same
+    for any number of ranks and workers (reproducibility checks; costs ranks x workers times the I/O)."""
+    pin_memory: bool = True
+    """Pin host batches for faster copies to the GPU."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+
+    def validate(self, prefix: str = "data") -> None:
+        require(self.micro_batch_size > 0, f"{prefix}.micro_batch_size", "must be > 0")
+        require(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")
+        require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", "must be >= 0")
+        require(self.prefetch_factor > 0, f"{prefix}.prefetch_factor", "must be > 0")
+        require(self.order in DATA_ORDERS, f"{prefix}.order", f"must be one of {', '.join(DATA_ORDERS)}")
+        require(not (self.resampled and self.order == "global"), f"{prefix}.order",
+                "'global' needs exact epochs; set data.resampled=false")

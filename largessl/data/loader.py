@@ -1,0 +1,219 @@
+"""Decode, transform and batch shard samples in DataLoader workers; track where every reader is.
+
+Training batches carry bookkeeping keys starting with "_" (which reader made them, its epoch and raw
+position, corrupt images so far) that the trainer strips and saves in checkpoints, so a resumed run
+continues each reader exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from largessl.data.index import SplitIndex
+from largessl.data.stream import RawSample, StreamPlan, derive_seed, read_range
+from largessl.errors import DataError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+Transform = Callable[[Image.Image], dict[str, torch.Tensor]]
+
+
+@dataclass
+class ReaderState:
+    """Where one reader is: its epoch, raw samples taken from its stream, batches made, corrupt images seen."""
+
+    epoch: int = 0
+    raw_pos: int = 0
+    batches: int = 0
+    corrupt: int = 0
+
+
+def decode_image(sample: RawSample) -> Image.Image | None:
+    """The sample's image as RGB, or None when it is missing or cannot be decoded."""
+    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")  # also forces the decode, so truncated files fail here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def label_of(sample: RawSample) -> int:
+    try:
+        return int(sample["cls"])
+    except (KeyError, ValueError):
+        return -1
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+class CorruptLog:
+    """Reports each undecodable sample once, on stderr and (when given) as a JSON line in `path`."""
+
+    def __init__(self, path: str | None, rank: int) -> None:
+        self.path, self.rank = path, rank
+
+    def record(self, sample: RawSample) -> None:
+        entry = {"key": sample.get("__key__"), "shard": sample.get("__url__"), "rank": self.rank}
+        print(f"warning: skipped undecodable image {entry['key']} in {entry['shard']}", file=sys.stderr, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:  # one short append per line: safe across worker processes
+                f.write(json.dumps(entry) + "\n")
+
+
+def _worker_ignores_preemption_signals(_: int) -> None:
+    # The training process handles SIGTERM/SIGUSR1 (checkpoint, then exit); workers must not die first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _worker_slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class TrainStream(IterableDataset):
+    """Endless batches for one rank. Physical worker i plays logical reader (i + rotation) mod W, so that
+    after a resume the DataLoader's round robin continues with the reader whose batch comes next."""
+
+    def __init__(self, plan: StreamPlan, transform: Transform, *, rank: int, world_size: int, num_workers: int,
+                 states: dict[int, ReaderState] | None = None, rotation: int = 0, corrupt_log: CorruptLog) -> None:
+        self.plan, self.transform, self.rank, self.world_size = plan, transform, rank, world_size
+        self.num_readers = max(1, num_workers)
+        self.states = states or {}
+        self.rotation = rotation
+        self.corrupt_log = corrupt_log
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, _ = _worker_slot()
+        reader = (worker + self.rotation) % self.num_readers
+        slot = reader * self.world_size + self.rank
+        state = ReaderState(**asdict(self.states.get(reader, ReaderState())))
+        while True:
+            yield from self._epoch_batches(reader, slot, state)
+            state = ReaderState(epoch=state.epoch + 1, corrupt=state.corrupt)
+
+    def _epoch_batches(self, reader: int, slot: int, state: ReaderState) -> Iterator[dict[str, torch.Tensor]]:
+        stream = itertools.islice(self.plan.stream(state.epoch, slot), state.raw_pos, None)
+        bad_in_a_row = 0
+        items: list[dict[str, torch.Tensor]] = []
+        while state.batches < self.plan.batches_per_slot:
+            sample = next(stream)
+            state.raw_pos += 1
+            image = decode_image(sample)
+            if image is None:
+                state.corrupt += 1
+                bad_in_a_row += 1
+                self.corrupt_log.record(sample)
+                if bad_in_a_row > self.plan.num_samples:
+                    raise DataError("no decodable image in the whole training split")
+                continue
+            bad_in_a_row = 0
+            torch.manual_seed(derive_seed(self.plan.seed, state.epoch, sample["__key__"]))
+            item = self.transform(image)
+            item["label"] = torch.tensor(label_of(sample))
+            items.append(item)
+            if len(items) == self.plan.batch_size:
+                state.batches += 1
+                batch = collate(items)
+                items = []
+                batch.update({f"_{k}": torch.tensor(v) for k, v in asdict(state).items()})
+                batch["_reader"] = torch.tensor(reader)
+                yield batch
+
+
+class EvalStream(IterableDataset):
+    """Every sample of a split exactly once, in index order, for feature extraction.
+
+    Each rank gets the same number of batches (ZeRO-3 needs every rank in every forward): ranks take
+    equal contiguous ranges, padded past the end with repeats marked valid=0. Undecodable images are
+    replaced by a blank image marked valid=0.
+    """
+
+    def __init__(self, index: SplitIndex, transform: Transform, *, batch_size: int, rank: int, world_size: int,
+                 image_size: int) -> None:
+        self.index, self.transform, self.batch_size = index, transform, batch_size
+        self.rank, self.world_size, self.image_size = rank, world_size, image_size
+        self.per_rank = -(-index.num_samples // world_size)
+
+    @property
+    def batches_per_rank(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, num_workers = _worker_slot()
+        per_worker = -(-self.batches_per_rank // num_workers)
+        first = min(worker * per_worker, self.batches_per_rank)
+        last = min(first + per_worker, self.batches_per_rank)
+        for b in range(first, last):
+            start = self.rank * self.per_rank + b * self.batch_size
+            stop = min(start + self.batch_size, (self.rank + 1) * self.per_rank)
+            yield collate([self._item(pos, sample) for pos, sample in self._positions(start, stop)])
+
+    def _positions(self, start: int, stop: int) -> Iterator[tuple[int, RawSample]]:
+        total = self.index.num_samples
+        shards = list(self.index.shards)
+        real = read_range(shards, min(start, total), min(stop, total))
+        repeats = itertools.chain.from_iterable(read_range(shards, 0, total) for _ in itertools.count())
+        padding = itertools.islice(repeats, max(0, stop - max(start, total)))
+        return zip(range(start, stop), itertools.chain(real, padding), strict=True)
+
+    def _item(self, position: int, sample: RawSample) -> dict[str, torch.Tensor]:
+        image = decode_image(sample)
+        valid = image is not None and position < self.index.num_samples
+        item = self.transform(image if image is not None else Image.new("RGB", (self.image_size,) * 2))
+        item["label"] = torch.tensor(label_of(sample))
+        item["valid"] = torch.tensor(valid)
+        return item
+
+
+def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
+    workers = num_workers if num_workers > 0 else 0
+    return DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory and torch.cuda.is_available(),
+        prefetch_factor=prefetch_factor if workers else None, persistent_workers=False,
+        worker_init_fn=_worker_ignores_preemption_signals if workers else None,
+        multiprocessing_context="fork" if workers and os.name == "posix" else None,
+    )
+
+
+class DataPosition:
+    """Where this rank's readers are, from the batches the trainer has consumed (not merely prefetched)."""
+
+    def __init__(self, readers: dict[int, ReaderState] | None = None, micro_batches: int = 0) -> None:
+        self.readers = dict(readers or {})
+        self.micro_batches = micro_batches
+
+    def observe(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Record a consumed batch's bookkeeping and return the batch without it."""
+        meta = {key[1:]: int(batch.pop(key)) for key in [k for k in batch if k.startswith("_")]}
+        reader = meta.pop("reader")
+        self.readers[reader] = ReaderState(**meta)
+        self.micro_batches += 1
+        return batch
+
+    @property
+    def corrupt(self) -> int:
+        return sum(state.corrupt for state in self.readers.values())
+
+    def state_dict(self) -> dict:
+        return {"readers": {r: asdict(s) for r, s in self.readers.items()}, "micro_batches": self.micro_batches}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> DataPosition:
+        readers = {int(r): ReaderState(**s) for r, s in state["readers"].items()}
+        return cls(readers, int(state["micro_batches"]))

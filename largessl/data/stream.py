@@ -1,0 +1,135 @@
+"""Which undecoded samples each reader streams, epoch by epoch, as a pure function of the seed.
+
+A reader ("slot") is one DataLoader worker of one rank. For epoch e, every slot streams exactly
+`samples_per_slot` good samples, so every rank yields the same number of batches (no hang on uneven
+shards). The stream of a slot is deterministic given (seed, epoch, slot), which is what makes resuming
+exact: a resumed reader replays its stream up to the saved position without decoding anything.
+
+Modes:
+- exact epochs, order 'sharded' (default): the epoch's shard order is shuffled; the concatenated samples
+  are cut into one contiguous range per slot (each slot opens only the shards its range touches). The
+  last T mod (slots x batch) samples of that order are left out of the epoch (different ones each epoch).
+- exact epochs, order 'global': every slot reads the whole epoch and keeps batches c with c mod slots ==
+  slot, so the global batches do not depend on how many ranks and workers there are.
+- resampled: each slot draws shards with replacement (webdataset's resampled mode).
+A corrupt image makes its slot read on past its range (wrapping around the epoch) to fill its batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from webdataset.filters import shuffle
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from largessl.data.index import Shard
+from largessl.errors import DataError
+
+RawSample = dict[str, Any]  # {"__key__": str, "jpg": bytes, "cls": bytes, "json": bytes, ...}
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of values, stable across processes and Python versions."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def read_shard(shard: Shard, skip: int = 0) -> Iterator[RawSample]:
+    """The samples of one shard in file order (undecoded), after skipping the first `skip`."""
+    try:
+        with open(shard.path, "rb") as stream:
+            members = tar_file_expander([{"url": shard.path, "stream": stream}])
+            yield from itertools.islice(group_by_keys(members), skip, None)
+    except FileNotFoundError:
+        raise DataError(f"missing shard {shard.path}") from None
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise DataError(f"shard {shard.path} is unreadable: {exc}") from None
+
+
+def read_range(shards: list[Shard], start: int, stop: int) -> Iterator[RawSample]:
+    """Samples [start, stop) of the concatenation of `shards`, opening only the shards it touches."""
+    offset = 0
+    for shard in shards:
+        end = offset + shard.num_samples
+        if end > start and offset < stop:
+            skip = max(0, start - offset)
+            yield from itertools.islice(read_shard(shard, skip), min(stop, end) - max(start, offset))
+        offset = end
+        if offset >= stop:
+            return
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything a reader needs to know to produce its stream; picklable for DataLoader workers."""
+
+    shards: tuple[Shard, ...]
+    seed: int
+    num_slots: int
+    batch_size: int
+    shuffle_buffer: int = 0
+    resampled: bool = False
+    order: str = "sharded"
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def samples_per_slot(self) -> int:
+        return self.num_samples // (self.num_slots * self.batch_size) * self.batch_size
+
+    @property
+    def batches_per_slot(self) -> int:
+        return self.samples_per_slot // self.batch_size
+
+    def shard_order(self, epoch: int) -> list[Shard]:
+        order = list(self.shards)
+        random.Random(derive_seed(self.seed, "shards", epoch)).shuffle(order)
+        return order
+
+    def _shuffled(self, samples: Iterator[RawSample], *seed_parts: object) -> Iterator[RawSample]:
+        if self.shuffle_buffer <= 1:
+            return samples
+        rng = random.Random(derive_seed(self.seed, "buffer", *seed_parts))
+        return shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+
+    def stream(self, epoch: int, slot: int) -> Iterator[RawSample]:
+        """Slot `slot`'s raw samples for `epoch`: its share first, then (never-ending) spares."""
+        if self.resampled:
+            return self._resampled(epoch, slot)
+        order = self.shard_order(epoch)
+        if self.order == "global":
+            return self._global(order, epoch, slot)
+        start, stop = slot * self.samples_per_slot, (slot + 1) * self.samples_per_slot
+        share = self._shuffled(read_range(order, start, stop), epoch, slot)
+        return itertools.chain(share, self._wrap_around(order, stop))
+
+    def _wrap_around(self, order: list[Shard], start: int) -> Iterator[RawSample]:
+        """Spare samples for slots that met corrupt images: the epoch's order from `start`, cyclically."""
+        total = self.num_samples
+        while True:
+            yield from read_range(order, start % total, total)
+            yield from read_range(order, 0, start % total)
+
+    def _global(self, order: list[Shard], epoch: int, slot: int) -> Iterator[RawSample]:
+        everything = itertools.chain(self._shuffled(read_range(order, 0, self.num_samples), epoch),
+                                     self._wrap_around(order, 0))
+        for i, sample in enumerate(everything):
+            if (i // self.batch_size) % self.num_slots == slot:
+                yield sample
+
+    def _resampled(self, epoch: int, slot: int) -> Iterator[RawSample]:
+        rng = random.Random(derive_seed(self.seed, "resample", epoch, slot))
+
+        def draws() -> Iterator[RawSample]:
+            while True:
+                yield from read_shard(rng.choice(self.shards))
+
+        return self._shuffled(draws(), epoch, slot)

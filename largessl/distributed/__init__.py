@@ -1,0 +1,1 @@
+"""How training is spread over processes. engine.py is the only module that imports deepspeed."""

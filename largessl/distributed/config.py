@@ -1,0 +1,31 @@
+"""How training is spread: ZeRO stage, offload and precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from largessl.config.loader import require
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    offload: bool = False
+    """Keep optimizer states in CPU memory (ZeRO-3 only; ds_configs/zero3_offload.json)."""
+    precision: str = "bf16"
+    """bf16 (default on GPU), fp16 (dynamic loss scaling) or fp32."""
+    ds_config: str = ""
+    """A DeepSpeed JSON with ZeRO/communication settings only; default ds_configs/zero{stage}[_offload].json."""
+    backend: str = ""
+    """torch.distributed backend; empty picks nccl on GPUs and gloo on CPU."""
+
+    def validate(self, prefix: str = "distributed") -> None:
+        require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", f"must be 0, 1, 2 or 3 (got {self.zero_stage})")
+        require(self.precision in PRECISIONS, f"{prefix}.precision",
+                f"must be one of {', '.join(PRECISIONS)} (got '{self.precision}')")
+        require(not self.offload or self.zero_stage == 3, f"{prefix}.offload",
+                "CPU offload is shipped for ZeRO-3 only; set distributed.zero_stage=3")
+        require(self.backend in ("", "nccl", "gloo"), f"{prefix}.backend", "must be nccl, gloo or empty (auto)")

@@ -1,0 +1,176 @@
+"""The DeepSpeed engine: the only module in largessl that imports deepspeed.
+
+Our config owns batch size, accumulation, precision and clipping; ds_configs/*.json own ZeRO and
+communication settings only. `deepspeed_config` merges the two and refuses a JSON that repeats ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from largessl.config.loader import require
+from largessl.distributed.config import DistributedConfig
+from largessl.distributed.env import DistEnv, pick_device, read_env, single_process_defaults
+from largessl.errors import ConfigError
+
+# Keys our config injects; a ds_configs JSON that sets them would be a second source of truth.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16",
+              "amp", "gradient_clipping", "optimizer", "scheduler")
+SOURCE_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def _deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def ds_config_path(cfg: DistributedConfig) -> Path:
+    if cfg.ds_config:
+        path = Path(cfg.ds_config)
+        require(path.is_file(), "distributed.ds_config", f"no such file '{cfg.ds_config}'")
+        return path
+    name = f"zero{cfg.zero_stage}{'_offload' if cfg.offload else ''}.json"
+    if (SOURCE_DS_CONFIGS / name).is_file():  # a source checkout or editable install
+        return SOURCE_DS_CONFIGS / name
+    return Path(str(resources.files("largessl.ds_configs") / name))  # an installed wheel
+
+
+def deepspeed_config(cfg: DistributedConfig, *, micro_batch: int, accumulation: int, world_size: int,
+                     grad_clip: float) -> dict[str, Any]:
+    """ZeRO/communication settings from the JSON plus batch, precision and clipping from our config."""
+    path = ds_config_path(cfg)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"distributed.ds_config: {path} is not valid JSON ({exc})") from None
+    for key in OWNED_KEYS:
+        require(key not in ds, "distributed.ds_config",
+                f"{path} sets '{key}', which largessl's config owns (data.*, optim.*, distributed.precision)")
+    zero = ds.setdefault("zero_optimization", {})
+    require(zero.get("stage", cfg.zero_stage) == cfg.zero_stage, "distributed.zero_stage",
+            f"{cfg.zero_stage} but {path} sets stage {zero.get('stage')}")
+    zero["stage"] = cfg.zero_stage
+    ds.update({
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    })
+    if accumulation > 1 and cfg.precision != "fp32":
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # bf16 accumulation would round small gradients away
+    return ds
+
+
+def init_distributed(cfg: DistributedConfig) -> DistEnv:
+    rank, world_size, local_rank = read_env()
+    if world_size == 1:
+        single_process_defaults()
+    device = pick_device(local_rank)
+    require(cfg.precision != "fp16" or device.type == "cuda", "distributed.precision",
+            "fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32")
+    backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
+    _deepspeed().init_distributed(dist_backend=backend, verbose=False)
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def model_init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """ZeRO-3 builds the model partitioned (no rank ever holds all of it); other stages build it whole."""
+    if ds_config["zero_optimization"]["stage"] == 3:
+        return _deepspeed().zero.Init(config_dict_or_path=ds_config)
+    return contextlib.nullcontext()
+
+
+class Engine:
+    """A DeepSpeed engine around an objective, with a client AdamW over our parameter groups."""
+
+    def __init__(self, module: torch.nn.Module, param_groups: list[dict], ds_config: dict[str, Any], *,
+                 betas: tuple[float, float], eps: float, device: torch.device) -> None:
+        deepspeed = _deepspeed()
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+        if self.zero_stage < 3:
+            module.to(device)
+        if "offload_optimizer" in ds_config["zero_optimization"]:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(param_groups, lr=0.0, betas=betas, eps=eps, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=betas, eps=eps)
+        self.optimizer = optimizer  # its param_groups are the ones DeepSpeed steps: we set lr/wd on them
+        self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        self.device = device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.ds(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self, want_norm: bool = False) -> float | None:
+        """One micro-step of DeepSpeed's step(). With `want_norm`, at an accumulation boundary, returns the
+        global gradient norm of this update (reading it forces a device sync, so only when it is logged)."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        want_norm = want_norm and boundary
+        norm = self._stage0_grad_norm() if want_norm and self.zero_stage == 0 else None
+        self.ds.step()
+        if not want_norm:
+            return None
+        reported = self.ds.get_global_grad_norm()
+        return float(reported) if reported is not None else norm
+
+    def _stage0_grad_norm(self) -> float | None:
+        # Without ZeRO, fp32 DeepSpeed steps a plain torch optimizer and reports no norm; grads are reduced here.
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    def loss_scale(self) -> float:
+        scale = getattr(self.ds.optimizer, "cur_scale", None) or getattr(self.ds.optimizer, "loss_scale", None)
+        return float(scale) if scale else 1.0
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Every rank must call this (each writes its own ZeRO partition)."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+
+    def load(self, ckpt_dir: Path, tag: str | None = None) -> dict[str, Any] | None:
+        """Restore weights, optimizer and scheduler state; returns our client state (None without a checkpoint)."""
+        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        return client_state if path is not None else None
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint tag directory, on CPU, for any ZeRO stage (evaluation, export)."""
+    tag_dir = Path(tag_dir)
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+    if stage == 0:  # weights are whole in the model file (in the training dtype)
+        return {k: v.float() for k, v in states["module"].items()}
+    _deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

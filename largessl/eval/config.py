@@ -1,0 +1,33 @@
+"""k-NN monitoring during training (methods.md 1.8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from largessl.config.loader import require
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 0
+    """Run the k-NN evaluation every this many optimizer steps (0: never during training)."""
+    knn_k: int = 20
+    """Neighbours that vote (DINO's eval_knn: k=20 usually works best)."""
+    knn_temperature: float = 0.07
+    """Votes are weighted by exp(cosine similarity / temperature)."""
+    knn_train: str = ""
+    """Labelled dataset whose features are the neighbours; empty: data.train."""
+    knn_train_split: str = ""
+    """Split of knn_train; empty: data.train_split."""
+    knn_val: str = ""
+    """Dataset of queries; empty: data.val."""
+    knn_val_split: str = ""
+    """Split of knn_val; empty: data.val_split."""
+    knn_batch_size: int = 0
+    """Images per rank per feature-extraction batch; 0: data.micro_batch_size."""
+
+    def validate(self, prefix: str = "eval") -> None:
+        require(self.knn_every >= 0, f"{prefix}.knn_every", "must be >= 0 (0 disables it)")
+        require(self.knn_k > 0, f"{prefix}.knn_k", "must be > 0")
+        require(self.knn_temperature > 0, f"{prefix}.knn_temperature", "must be > 0")
+        require(self.knn_batch_size >= 0, f"{prefix}.knn_batch_size", "must be >= 0")

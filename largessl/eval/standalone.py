@@ -1,0 +1,76 @@
+"""`largessl eval knn`: k-NN accuracy of a checkpoint's encoder, in one process (CPU or one GPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from largessl.checkpoint import resolve_tag_dir
+from largessl.config.load import config_from_yaml_text
+from largessl.data import build_eval_loader, open_split
+from largessl.data.transforms import EvalTransform
+from largessl.errors import UserError
+from largessl.eval.knn import extract_features, knn_top1
+from largessl.objectives import OBJECTIVES
+
+
+def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
+    """(eval encoder with the checkpoint's fp32 weights, run config, client state, tag directory)."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"--checkpoint: {run_dir} is not a run directory (no config.yaml)")
+    try:
+        tag_dir = resolve_tag_dir(run_dir)
+    except FileNotFoundError:
+        raise UserError(f"--checkpoint: no checkpoint under {run_dir}") from None
+    cfg = config_from_yaml_text(config_path.read_text())
+    from largessl.distributed.engine import consolidated_state_dict
+
+    objective = OBJECTIVES[cfg.objective.name](cfg.objective, cfg.model)
+    missing, unexpected = objective.load_state_dict(consolidated_state_dict(tag_dir), strict=False)
+    encoder = objective.eval_encoder()
+    prefix = next(name for name, module in objective.named_modules() if module is encoder)
+    if any(key.startswith(prefix + ".") for key in missing) or unexpected:
+        raise UserError(f"--checkpoint: {tag_dir} does not match the run's config "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return encoder, cfg, states, tag_dir
+
+
+def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str, k: int,
+            temperature: float, batch_size: int, num_workers: int) -> dict:
+    encoder, cfg, states, tag_dir = load_encoder(checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.to(device).eval()
+    indices = [open_split(train, train_split, "--train"), open_split(val, val_split, "--val")]
+    transform = EvalTransform(cfg.model.image_size)
+    features = []
+    for index in indices:
+        loader = build_eval_loader(index, transform, batch_size=batch_size, rank=0, world_size=1,
+                                   num_workers=num_workers, image_size=cfg.model.image_size)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            features.append(extract_features(encoder.forward_cls, loader, device=device, dtype=torch.float32))
+    top1 = knn_top1(features[0], features[1], k=k, temperature=temperature)
+    step = int(states.get("step", 0))
+    result = {"knn_top1": top1, "step": step, "checkpoint": str(tag_dir), "train": train, "val": val,
+              "num_train": len(features[0][1]), "num_val": len(features[1][1]), "k": k, "temperature": temperature}
+    out = checkpoint / "eval" / f"knn_step{step:08d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    result["mlflow_run_id"] = _log_to_run(states, cfg, top1, step)
+    return result
+
+
+def _log_to_run(states: dict, cfg: object, top1: float, step: int) -> str:
+    """Log knn_top1 at the checkpoint's step to the training run, when its MLflow run is known and reachable."""
+    run_id = states.get("mlflow_run_id")
+    if not run_id or not cfg.tracking.enabled:
+        return ""
+    from largessl.tracking import Tracker, resolve_uri
+
+    tracker = Tracker.attach(resolve_uri(cfg.tracking, states.get("tracking_uri", "")), run_id)
+    tracker.log_metrics({"knn_top1": top1}, step)
+    tracker.finish()
+    return tracker.run_id

@@ -1,0 +1,53 @@
+"""What the encoder is: its named size, input resolution and memory switches."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from largessl.config.loader import require
+
+# name -> (width, depth, heads); MLP ratio 4 for all (methods.md 1.1, plus timm's ViT-Tiny for tests).
+VIT_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+MODEL_NAME = re.compile(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)$")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16"
+    """Encoder: vit_{tiny,small,base,large,huge}_patch{14,16} (any patch size that divides image_size)."""
+    image_size: int = 224
+    """Side of the square input in pixels."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass (non-reentrant) to save activation memory."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth, linearly increasing over depth (MAE pretraining uses 0)."""
+
+    def validate(self, prefix: str = "model") -> None:
+        match = MODEL_NAME.match(self.name)
+        valid = ", ".join(f"vit_{s}_patch16" for s in VIT_SIZES)
+        require(match is not None and match["size"] in VIT_SIZES, f"{prefix}.name",
+                f"unknown model '{self.name}' (choose one of {valid}, or patch14 variants)")
+        patch = int(match["patch"])
+        require(patch > 0 and self.image_size % patch == 0, f"{prefix}.image_size",
+                f"{self.image_size} is not a multiple of the patch size {patch}")
+        require(0.0 <= self.drop_path_rate < 1.0, f"{prefix}.drop_path_rate", "must be in [0, 1)")
+
+    @property
+    def patch_size(self) -> int:
+        return int(MODEL_NAME.match(self.name)["patch"])
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(width, depth, heads)."""
+        return VIT_SIZES[MODEL_NAME.match(self.name)["size"]]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2

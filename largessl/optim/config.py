@@ -1,0 +1,41 @@
+"""Optimizer, batch size and schedule settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from largessl.config.loader import require
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 images: peak lr = base_lr x global_batch_size / 256 (linear scaling rule)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    global_batch_size: int = 4096
+    """Images per optimizer step over all ranks = micro_batch_size x accumulation steps x world size."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to norms, biases, position embeddings, cls and mask tokens)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (MAE uses 0.95 for beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to the peak lr, then a half-cycle cosine to min_lr."""
+    grad_clip: float = 0.0
+    """Global gradient-norm clipping threshold; 0 disables clipping (MAE pretraining does not clip)."""
+    wd_on_tokens: bool = False
+    """Also decay cls/mask tokens, as the official MAE code does (it only exempts 1-D params and biases)."""
+
+    def validate(self, prefix: str = "optim") -> None:
+        require(self.base_lr > 0, f"{prefix}.base_lr", "must be > 0")
+        require(0 <= self.min_lr, f"{prefix}.min_lr", "must be >= 0")
+        require(self.global_batch_size > 0, f"{prefix}.global_batch_size", "must be > 0")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "each beta must be in [0, 1)")
+        require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
+
+    def peak_lr(self) -> float:
+        return self.base_lr * self.global_batch_size / 256

@@ -1,0 +1,301 @@
+"""When things happen: build the run, resume it, step, log, evaluate, checkpoint, stop on a signal.
+
+Model and objective code is single-device PyTorch; DeepSpeed lives behind `distributed.engine`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from largessl import checkpoint
+from largessl.config import PretrainConfig, dump_config
+from largessl.config.loader import flatten, to_dict
+from largessl.data import (
+    ReaderState,
+    build_eval_loader,
+    build_train_loader,
+    describe_plan,
+    open_split,
+    plan_training,
+)
+from largessl.data.loader import DataPosition
+from largessl.data.transforms import EvalTransform
+from largessl.distributed import comm
+from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
+from largessl.errors import ConfigError
+from largessl.eval.knn import extract_features, knn_top1
+from largessl.objectives import OBJECTIVES
+from largessl.optim import apply_schedules, build_param_groups
+from largessl.progress import IntervalTimer, peak_memory_gb, progress_line, say, sync
+from largessl.tracking import NullTracker, Tracker, git_commit
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def accumulation_steps(cfg: PretrainConfig, world_size: int) -> int:
+    per_step = cfg.data.micro_batch_size * world_size
+    if cfg.optim.global_batch_size % per_step:
+        raise ConfigError(f"optim.global_batch_size: {cfg.optim.global_batch_size} is not a multiple of "
+                          f"data.micro_batch_size x world size = {cfg.data.micro_batch_size} x {world_size}")
+    return cfg.optim.global_batch_size // per_step
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.env = init_distributed(cfg.distributed)
+        self.accumulation = accumulation_steps(cfg, self.env.world_size)
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.config_text = dump_config(cfg)
+        self.step = 0
+        self.stop_signal = 0
+
+        self.train_index = open_split(cfg.data.train, cfg.data.train_split, "data.train")
+        self.plan = plan_training(cfg.data, self.train_index, seed=cfg.trainer.seed, world_size=self.env.world_size)
+        self.ds_config = deepspeed_config(cfg.distributed, micro_batch=cfg.data.micro_batch_size,
+                                          accumulation=self.accumulation, world_size=self.env.world_size,
+                                          grad_clip=cfg.optim.grad_clip)
+        self.objective_cls = OBJECTIVES[cfg.objective.name]
+        checkpoint.seed_everything(cfg.trainer.seed)  # identical initial weights on every rank
+        with model_init_context(self.ds_config):
+            objective = self.objective_cls(cfg.objective, cfg.model)
+        self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
+                             betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device)
+        checkpoint.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
+        self._prepare_run_dir()
+        client_state = self._load_checkpoint()
+        self.position = self._restore(client_state)
+        self.tracker = self._start_tracking(client_state)
+        self.loader = build_train_loader(
+            cfg.data, self.plan, self.objective_cls.sample_transform(cfg.objective, cfg.model),
+            rank=self.env.rank, world_size=self.env.world_size, states=self.position.readers,
+            rotation=self.position.micro_batches % max(1, cfg.data.num_workers),
+            corrupt_log_path=str(self.run_dir / "corrupt_samples.jsonl"))
+        if self.env.is_main:
+            say(describe_plan(self.plan, self.train_index))
+
+    # ----------------------------------------------------------------- set-up and resume
+
+    def _prepare_run_dir(self) -> None:
+        if self.env.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            previous = self.run_dir / "config.yaml"
+            if previous.is_file() and previous.read_text() != self.config_text:
+                old, new = flatten(_yaml(previous.read_text())), flatten(to_dict(self.cfg))
+                changed = sorted(k for k in new if old.get(k) != new[k])
+                say(f"warning: the config differs from this run's previous one in: {', '.join(changed)}; "
+                    "MLflow keeps the params it logged first")
+            previous.write_text(self.config_text)
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        comm.barrier()
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            return None
+        client_state = self.engine.load(self.ckpt_dir, tag)
+        if self.env.is_main:
+            say(f"resumed from {self.ckpt_dir / tag} (step {client_state['step']})")
+        return client_state
+
+    def _restore(self, client_state: dict[str, Any] | None) -> DataPosition:
+        """Step, RNG and data position of this rank; approximate when the world size or workers changed."""
+        if client_state is None:
+            return DataPosition()
+        self.step = int(client_state["step"])
+        same_layout = (client_state["world_size"] == self.env.world_size
+                       and client_state["num_workers"] == self.cfg.data.num_workers
+                       and client_state["micro_batch_size"] == self.cfg.data.micro_batch_size)
+        if same_layout:
+            checkpoint.restore_rng(client_state["rng"][self.env.rank])
+            return DataPosition.from_state_dict(client_state["data"][self.env.rank])
+        fraction = float(client_state["epoch"]) % 1.0
+        epoch = int(client_state["epoch"])
+        batches = int(fraction * self.plan.batches_per_slot)
+        if self.env.is_main:
+            say("warning: world size, workers or micro-batch changed since the checkpoint: the data order "
+                f"continues from the same point of epoch {epoch} but not sample for sample")
+        state = ReaderState(epoch=epoch, raw_pos=batches * self.plan.batch_size, batches=batches)
+        readers = {r: state for r in range(max(1, self.cfg.data.num_workers))}
+        return DataPosition(readers, self.step * self.accumulation)
+
+    def _start_tracking(self, client_state: dict[str, Any] | None) -> NullTracker:
+        if not self.env.is_main:
+            return NullTracker()
+        tags = {"method": self.cfg.objective.name, "model": self.cfg.model.name,
+                "world_size": str(self.env.world_size), "git_commit": git_commit(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "run_dir": str(self.run_dir.resolve())}
+        params = {**flatten(to_dict(self.cfg)), "derived.world_size": self.env.world_size,
+                  "derived.accumulation_steps": self.accumulation, "derived.peak_lr": self.cfg.optim.peak_lr()}
+        client_state = client_state or {}
+        tracker = Tracker.start(self.cfg.tracking, run_name=self.cfg.run.name, params=params, tags=tags,
+                                run_id=client_state.get("mlflow_run_id", ""),
+                                fallback_uri=client_state.get("tracking_uri", ""))
+        for name in ("config.yaml", "ds_config.json"):  # re-logged on resume: the config may have changed
+            tracker.log_artifact(self.run_dir / name)
+        return tracker
+
+    # ----------------------------------------------------------------- the loop
+
+    def train(self) -> int:
+        """Train to trainer.max_steps; returns the exit code (128 + signal number when stopped by a signal)."""
+        cfg = self.cfg.trainer
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        batches = iter(self.loader)
+        timer, sums = IntervalTimer(), {}
+        status = "FAILED"
+        try:
+            while self.step < cfg.max_steps:
+                want_norm = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+                terms, lr, wd, grad_norm = self.train_step(batches, want_norm)
+                self.step += 1
+                timer.tick()
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                if want_norm:
+                    self._report(sums, timer, lr, wd, grad_norm)
+                    sums = {}
+                if self.cfg.eval.knn_every and self.step % self.cfg.eval.knn_every == 0:
+                    self._log_knn()
+                    timer.reset()
+                stopping = comm.all_reduce_max(float(self.stop_signal), self.env.device) > 0
+                if stopping or self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                    self.save()
+                if stopping:
+                    status = "KILLED"
+                    say(f"stopped by signal at step {self.step}; checkpoint saved in {self.ckpt_dir}; "
+                        "rerun the same command to resume")
+                    return 128 + (self.stop_signal or signal.SIGTERM)
+            status = "FINISHED"
+            self._say_done()
+            return 0
+        finally:
+            self.tracker.finish(status)
+
+    def train_step(self, batches: Any, want_norm: bool) -> tuple[dict[str, torch.Tensor], float, float, float | None]:
+        """One optimizer step over `accumulation` micro-batches; returns mean loss terms (detached)."""
+        lr, wd = apply_schedules(self.engine.param_groups, self.step, self.cfg.optim, self.cfg.trainer.max_steps)
+        terms: dict[str, torch.Tensor] = {}
+        grad_norm = None
+        for _ in range(self.accumulation):
+            batch = self.position.observe(next(batches))
+            batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+            out = self.engine(batch)
+            self.engine.backward(out["loss"])
+            grad_norm = self.engine.step(want_norm)
+            for key, value in out.items():
+                if key.startswith("loss"):
+                    terms[key] = terms.get(key, 0.0) + value.detach().float() / self.accumulation
+        self.engine.module.after_optimizer_step(self.step + 1)
+        return terms, lr, wd, grad_norm
+
+    def _report(self, sums: dict[str, torch.Tensor], timer: IntervalTimer, lr: float, wd: float,
+                grad_norm: float | None) -> None:
+        sync(self.env.device)
+        keys = sorted(sums)
+        means = comm.all_reduce_mean(torch.stack([sums[k] for k in keys]) / max(1, timer.steps))
+        corrupt = comm.all_reduce_mean(torch.tensor([float(self.position.corrupt)], device=self.env.device))
+        step_time = timer.step_time()
+        metrics = {k: float(v) for k, v in zip(keys, means.tolist(), strict=True)}
+        metrics.update({
+            "lr": lr, "weight_decay": wd, "loss_scale": self.engine.loss_scale(),
+            "images_per_sec": self.cfg.optim.global_batch_size / step_time, "step_time": step_time,
+            "peak_mem_gb": peak_memory_gb(self.env.device), "epoch": self.epoch(),
+            "data/corrupt_images": float(corrupt.item()) * self.env.world_size,
+        })
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        if self.env.is_main:
+            say(progress_line(self.step, self.cfg.trainer.max_steps, metrics, keys))
+            self.tracker.log_metrics(metrics, self.step)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        timer.reset()
+
+    def epoch(self) -> float:
+        return self.step * self.cfg.optim.global_batch_size / (self.plan.num_slots * self.plan.samples_per_slot)
+
+    # ----------------------------------------------------------------- evaluation, checkpoints, signals
+
+    def knn_accuracy(self) -> float:
+        """k-NN top-1 of the objective's eval encoder, computed by all ranks together (ZeRO-3 safe)."""
+        cfg, data, model = self.cfg.eval, self.cfg.data, self.cfg.model
+        train = open_split(cfg.knn_train or data.train, cfg.knn_train_split or data.train_split, "eval.knn_train")
+        val = open_split(cfg.knn_val or data.val, cfg.knn_val_split or data.val_split, "eval.knn_val")
+        module = self.engine.module
+        encoder = module.eval_encoder()
+        was_training = module.training
+        module.eval()
+        try:
+            features = [extract_features(encoder.forward_cls, self._eval_loader(index), device=self.env.device,
+                                         dtype=module.compute_dtype()) for index in (train, val)]
+        finally:
+            module.train(was_training)
+        return knn_top1(features[0], features[1], k=cfg.knn_k, temperature=cfg.knn_temperature)
+
+    def _eval_loader(self, index: Any) -> Any:
+        return build_eval_loader(index, EvalTransform(self.cfg.model.image_size),
+                                 batch_size=self.cfg.eval.knn_batch_size or self.cfg.data.micro_batch_size,
+                                 rank=self.env.rank, world_size=self.env.world_size,
+                                 num_workers=self.cfg.data.num_workers, image_size=self.cfg.model.image_size)
+
+    def _log_knn(self) -> None:
+        top1 = self.knn_accuracy()
+        if self.env.is_main:
+            say(f"step {self.step} | knn_top1 {top1:.4f}")
+            self.tracker.log_metrics({"knn_top1": top1}, self.step)
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "samples_seen": self.step * self.cfg.optim.global_batch_size,
+            "epoch": self.epoch(),
+            "world_size": self.env.world_size,
+            "num_workers": self.cfg.data.num_workers,
+            "micro_batch_size": self.cfg.data.micro_batch_size,
+            "data": comm.all_gather_object(self.position.state_dict()),
+            "rng": comm.all_gather_object(checkpoint.capture_rng()),
+            "mlflow_run_id": self.tracker.run_id,
+            "tracking_uri": self.tracker.uri,
+            "config_sha": config_hash(self.config_text),
+        }
+
+    def save(self) -> None:
+        tag = checkpoint.tag_for(self.step)
+        self.engine.save(self.ckpt_dir, tag, self.client_state())
+        comm.barrier()
+        if self.env.is_main:
+            checkpoint.prune(self.ckpt_dir, self.cfg.trainer.keep_last)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self.stop_signal:
+            print(f"received signal {signum}: saving a checkpoint after this step", file=sys.stderr, flush=True)
+        self.stop_signal = signum
+
+    def _say_done(self) -> None:
+        if not self.env.is_main:
+            return
+        say(f"done: {self.step} steps; run directory {self.run_dir}")
+        if self.tracker.run_id:
+            say(f"MLflow run {self.tracker.run_id} in {self.tracker.uri}; browse it with: "
+                f"mlflow ui --backend-store-uri {self.tracker.uri}")
+
+
+def _yaml(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text) or {}
