@@ -42,7 +42,7 @@ class SplitWriter:
         self._writer = TarWriter(str(tmp), encoder=False, mtime=0)  # fixed mtime: reproducible bytes
         self._count = self._bytes = 0
 
-    def _close(self) -> None:
+    def end_shard(self) -> None:
         if self._writer is None:
             return
         self._writer.close()
@@ -62,10 +62,10 @@ class SplitWriter:
         self._count += 1
         self._bytes += len(jpeg)
         if self._count >= self.samples_per_shard or self._bytes >= self.shard_bytes:
-            self._close()
+            self.end_shard()
 
     def finish(self) -> dict:
-        self._close()
+        self.end_shard()
         return {"num_samples": sum(s["num_samples"] for s in self.shards), "shards": self.shards}
 
 

@@ -43,7 +43,7 @@ def build_parser() -> Parser:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from largessl.config import dump_config, load_config
+    from largessl.config.load import dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from largessl import checkpoint
-from largessl.config import PretrainConfig, dump_config
+from largessl.config.load import dump_config
 from largessl.config.loader import flatten, to_dict
+from largessl.config.schema import PretrainConfig
 from largessl.data import (
     ReaderState,
     build_eval_loader,
@@ -233,7 +234,7 @@ class Trainer:
 
     def knn_accuracy(self) -> float:
         """k-NN top-1 of the objective's eval encoder, computed by all ranks together (ZeRO-3 safe)."""
-        cfg, data, model = self.cfg.eval, self.cfg.data, self.cfg.model
+        cfg, data = self.cfg.eval, self.cfg.data
         train = open_split(cfg.knn_train or data.train, cfg.knn_train_split or data.train_split, "eval.knn_train")
         val = open_split(cfg.knn_val or data.val, cfg.knn_val_split or data.val_split, "eval.knn_val")
         module = self.engine.module

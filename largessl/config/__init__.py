@@ -1,6 +1,5 @@
-"""Config loading: defaults < YAML recipe < CLI overrides, strict keys, resolved config dump."""
+"""Config loading: defaults < YAML recipe < CLI overrides, strict keys, resolved config dump.
 
-from largessl.config.load import RECIPES_DIR, dump_config, list_recipes, load_config
-from largessl.config.schema import PretrainConfig
-
-__all__ = ["RECIPES_DIR", "PretrainConfig", "dump_config", "list_recipes", "load_config"]
+`loader` is the generic machinery (imported by every component's config), `schema` the root config,
+`load` the entry points; this package imports none of them so components can import `loader` freely.
+"""

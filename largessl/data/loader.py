@@ -67,8 +67,8 @@ class CorruptLog:
     def __init__(self, path: str | None, rank: int) -> None:
         self.path, self.rank = path, rank
 
-    def record(self, sample: RawSample) -> None:
-        entry = {"key": sample.get("__key__"), "shard": sample.get("__url__"), "rank": self.rank}
+    def record(self, sample: RawSample, epoch: int) -> None:
+        entry = {"key": sample.get("__key__"), "shard": sample.get("__url__"), "rank": self.rank, "epoch": epoch}
         print(f"warning: skipped undecodable image {entry['key']} in {entry['shard']}", file=sys.stderr, flush=True)
         if self.path:
             with open(self.path, "a") as f:  # one short append per line: safe across worker processes
@@ -118,7 +118,7 @@ class TrainStream(IterableDataset):
             if image is None:
                 state.corrupt += 1
                 bad_in_a_row += 1
-                self.corrupt_log.record(sample)
+                self.corrupt_log.record(sample, state.epoch)
                 if bad_in_a_row > self.plan.num_samples:
                     raise DataError("no decodable image in the whole training split")
                 continue

@@ -23,7 +23,8 @@ class DistributedConfig:
     """torch.distributed backend; empty picks nccl on GPUs and gloo on CPU."""
 
     def validate(self, prefix: str = "distributed") -> None:
-        require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", f"must be 0, 1, 2 or 3 (got {self.zero_stage})")
+        require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage",
+                f"must be 0, 1, 2 or 3 (got {self.zero_stage})")
         require(self.precision in PRECISIONS, f"{prefix}.precision",
                 f"must be one of {', '.join(PRECISIONS)} (got '{self.precision}')")
         require(not self.offload or self.zero_stage == 3, f"{prefix}.offload",

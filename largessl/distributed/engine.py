@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ def _deepspeed():
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed calls collectives torch has renamed; the warning would repeat every step.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
+                            category=FutureWarning)
     return deepspeed
 
 

@@ -35,7 +35,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool)
 
 def build_blocks(dim: int, depth: int, heads: int, drop_path_rate: float = 0.0) -> nn.ModuleList:
     """Pre-norm blocks: qkv bias, LayerNorm eps 1e-6, GELU MLP x4, linearly increasing drop path."""
-    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth > 1 else [drop_path_rate]
+    rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
     return nn.ModuleList(
         Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=LayerNorm, drop_path=rate) for rate in rates
     )

@@ -1,0 +1,125 @@
+"""Shared fixtures: real images (Imagenette from ../shared, the bundled mini set), real shards, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from data_tools.shards import SplitWriter, write_index
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGENETTE_TAR = REPO.parent / "shared" / "data" / "imagenette2-224" / "imagenette2-224.tar.gz"
+MINI_IMAGES = REPO / "demo" / "imagenette-mini"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+CLASSES = sorted(p.name for p in (MINI_IMAGES / "train").iterdir())
+
+
+def uneven_dataset(out: Path, sizes: list[int], corrupt_at: int | None = None) -> Path:
+    """Shards of the given sizes holding the bundled real images; sample `corrupt_at` gets truncated JPEG bytes."""
+    files = sorted((MINI_IMAGES / "train").rglob("*.JPEG"))
+    out.mkdir(parents=True)
+    writer = SplitWriter(out, "train", samples_per_shard=10**9, shard_bytes=1 << 40)
+    position = 0
+    for size in sizes:
+        for _ in range(size):
+            path = files[position % len(files)]
+            data = path.read_bytes()
+            if position == corrupt_at:
+                data = data[: len(data) // 3]
+            writer.write(f"s{position:05d}", data, CLASSES.index(path.parent.name), {"source": path.name})
+            position += 1
+        writer.end_shard()  # one shard per requested size
+    write_index(out, name="test", source="test", classes=CLASSES, split="train", split_entry=writer.finish(),
+                preprocess={})
+    return out
+
+
+def write_shards(src: Path, out: Path, split: str, per_shard: int) -> Path:
+    from data_tools.imagefolder import convert
+
+    convert(src, out, split=split, samples_per_shard=per_shard, shard_bytes=1 << 40, seed=0, quality=90)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled 500 train + 200 val Imagenette images (112 px) as shards of 128 samples."""
+    out = tmp_path_factory.mktemp("mini") / "shards"
+    write_shards(MINI_IMAGES / "train", out, "train", 128)
+    return write_shards(MINI_IMAGES / "val", out, "val", 128)
+
+
+@pytest.fixture(scope="session")
+def imagenette_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """../shared's Imagenette (9,469 train + 3,925 val JPEGs, 224 px), unpacked once per session."""
+    if not IMAGENETTE_TAR.is_file():
+        pytest.skip(f"needs {IMAGENETTE_TAR}")
+    out = tmp_path_factory.mktemp("imagenette")
+    with tarfile.open(IMAGENETTE_TAR) as tar:
+        tar.extractall(out, filter="data")
+    return out / "imagenette2-224"
+
+
+@pytest.fixture(scope="session")
+def imagenette_shards(imagenette_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("imagenette-shards") / "shards"
+    write_shards(imagenette_dir / "train", out, "train", 1000)
+    return write_shards(imagenette_dir / "val", out, "val", 1000)
+
+
+def child_env(workdir: Path) -> dict[str, str]:
+    """Environment for a largessl child process: its MLflow store and run directories live in `workdir`."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    return env
+
+
+def run_largessl(args: list[str], workdir: Path, *, nproc: int = 1, timeout: int = 600,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m largessl ARGS` (or under torchrun with `nproc` processes on the gloo backend)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "largessl", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), "-m", "largessl", *args]
+    return subprocess.run(cmd, cwd=workdir, env=env or child_env(workdir), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl of a run: step -> the last record logged for it."""
+    import json
+
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
