@@ -64,7 +64,8 @@ class NullTracker:
 
 def resolve_uri(cfg: TrackingConfig, fallback: str = "") -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else `fallback` (a resumed run's store), else MLflow's default."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server must not stall training long
+    # No retries inside MLflow: failed metrics are buffered here, so a dead server never stalls training.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 

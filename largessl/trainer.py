@@ -38,7 +38,8 @@ from largessl.optim import apply_schedules, build_param_groups
 from largessl.progress import IntervalTimer, peak_memory_gb, progress_line, say, sync
 from largessl.tracking import NullTracker, Tracker, git_commit
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SLURM sends SIGTERM (or a chosen signal such as USR1) before preempting; Ctrl-C is SIGINT.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def accumulation_steps(cfg: PretrainConfig, world_size: int) -> int:
@@ -283,8 +284,11 @@ class Trainer:
             checkpoint.prune(self.ckpt_dir, self.cfg.trainer.keep_last)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if not self.stop_signal:
-            print(f"received signal {signum}: saving a checkpoint after this step", file=sys.stderr, flush=True)
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
         self.stop_signal = signum
 
     def _say_done(self) -> None:

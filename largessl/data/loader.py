@@ -76,9 +76,9 @@ class CorruptLog:
 
 
 def _worker_ignores_preemption_signals(_: int) -> None:
-    # The training process handles SIGTERM/SIGUSR1 (checkpoint, then exit); workers must not die first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # The training process handles SIGTERM/SIGUSR1/SIGINT (checkpoint, then exit); workers must not die first.
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _worker_slot() -> tuple[int, int]:
