@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import resource
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -22,20 +24,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class IntervalTimer:
-    """Wall time and optimizer steps since the last report."""
+class Interval:
+    """Loss sums, optimizer steps and training time since the last report (evaluation time excluded)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.steps = time.perf_counter(), 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.start, self.excluded = 0, time.perf_counter(), 0.0
 
-    def tick(self) -> None:
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
         self.steps += 1
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def mean_terms(self) -> dict[str, torch.Tensor]:
+        return {key: value / max(1, self.steps) for key, value in self.sums.items()}
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
     def step_time(self) -> float:
-        return (time.perf_counter() - self.start) / max(1, self.steps)
+        return (time.perf_counter() - self.start - self.excluded) / max(1, self.steps)
 
 
 def progress_line(step: int, max_steps: int, metrics: dict[str, float], loss_terms: list[str]) -> str:

@@ -31,11 +31,11 @@ from largessl.data.loader import DataPosition
 from largessl.data.transforms import EvalTransform
 from largessl.distributed import comm
 from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
-from largessl.errors import ConfigError
+from largessl.errors import ConfigError, UserError, one_line
 from largessl.eval.knn import extract_features, knn_top1
 from largessl.objectives import OBJECTIVES
 from largessl.optim import apply_schedules, build_param_groups
-from largessl.progress import IntervalTimer, peak_memory_gb, progress_line, say, sync
+from largessl.progress import Interval, peak_memory_gb, progress_line, say, sync
 from largessl.tracking import NullTracker, Tracker, git_commit
 
 # SLURM sends SIGTERM (or a chosen signal such as USR1) before preempting; Ctrl-C is SIGINT.
@@ -108,7 +108,11 @@ class Trainer:
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag is None:
             return None
-        client_state = self.engine.load(self.ckpt_dir, tag)
+        try:
+            client_state = self.engine.load(self.ckpt_dir, tag)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise UserError(f"cannot resume from {self.ckpt_dir / tag}: it does not fit this config "
+                            f"({one_line(exc)[:200]}); use another run.name to start a new run") from None
         if self.env.is_main:
             say(f"resumed from {self.ckpt_dir / tag} (step {client_state['step']})")
         return client_state
@@ -158,25 +162,24 @@ class Trainer:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
         batches = iter(self.loader)
-        timer, sums = IntervalTimer(), {}
+        interval = Interval()
         status = "FAILED"
         try:
             while self.step < cfg.max_steps:
-                want_norm = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
-                terms, lr, wd, grad_norm = self.train_step(batches, want_norm)
+                report = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+                terms, lr, wd, grad_norm = self.train_step(batches, want_norm=report)
                 self.step += 1
-                timer.tick()
-                for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                if want_norm:
-                    self._report(sums, timer, lr, wd, grad_norm)
-                    sums = {}
+                interval.add(terms)
+                if report:
+                    self._report(interval, lr, wd, grad_norm)
+                    interval.reset()
                 if self.cfg.eval.knn_every and self.step % self.cfg.eval.knn_every == 0:
-                    self._log_knn()
-                    timer.reset()
+                    with interval.paused():
+                        self._log_knn()
                 stopping = comm.all_reduce_max(float(self.stop_signal), self.env.device) > 0
                 if stopping or self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.save()
+                    with interval.paused():
+                        self.save()
                 if stopping:
                     status = "KILLED"
                     say(f"stopped by signal at step {self.step}; checkpoint saved in {self.ckpt_dir}; "
@@ -205,13 +208,13 @@ class Trainer:
         self.engine.module.after_optimizer_step(self.step + 1)
         return terms, lr, wd, grad_norm
 
-    def _report(self, sums: dict[str, torch.Tensor], timer: IntervalTimer, lr: float, wd: float,
-                grad_norm: float | None) -> None:
+    def _report(self, interval: Interval, lr: float, wd: float, grad_norm: float | None) -> None:
         sync(self.env.device)
-        keys = sorted(sums)
-        means = comm.all_reduce_mean(torch.stack([sums[k] for k in keys]) / max(1, timer.steps))
+        terms = interval.mean_terms()
+        keys = sorted(terms)
+        means = comm.all_reduce_mean(torch.stack([terms[k] for k in keys]))
         corrupt = comm.all_reduce_mean(torch.tensor([float(self.position.corrupt)], device=self.env.device))
-        step_time = timer.step_time()
+        step_time = interval.step_time()
         metrics = {k: float(v) for k, v in zip(keys, means.tolist(), strict=True)}
         metrics.update({
             "lr": lr, "weight_decay": wd, "loss_scale": self.engine.loss_scale(),
@@ -223,10 +226,14 @@ class Trainer:
             metrics["grad_norm"] = grad_norm
         if self.env.is_main:
             say(progress_line(self.step, self.cfg.trainer.max_steps, metrics, keys))
+        self._log(metrics)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        """To MLflow and to RUN_DIR/metrics.jsonl (rank 0 only), at the current step."""
+        if self.env.is_main:
             self.tracker.log_metrics(metrics, self.step)
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        timer.reset()
 
     def epoch(self) -> float:
         return self.step * self.cfg.optim.global_batch_size / (self.plan.num_slots * self.plan.samples_per_slot)
@@ -259,7 +266,7 @@ class Trainer:
         top1 = self.knn_accuracy()
         if self.env.is_main:
             say(f"step {self.step} | knn_top1 {top1:.4f}")
-            self.tracker.log_metrics({"knn_top1": top1}, self.step)
+        self._log({"knn_top1": top1})
 
     def client_state(self) -> dict[str, Any]:
         return {

@@ -115,11 +115,11 @@ def free_port() -> int:
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl of a run: step -> the last record logged for it."""
+    """metrics.jsonl of a run: step -> every metric logged at it (the latest value of each)."""
     import json
 
-    records = {}
+    records: dict[int, dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        records[record["step"]] = record
+        records.setdefault(record["step"], {}).update(record)
     return records
