@@ -5,7 +5,6 @@ Model and objective code is single-device PyTorch; DeepSpeed lives behind `distr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from largessl import checkpoint
 from largessl.config.load import dump_config
@@ -50,10 +50,6 @@ def accumulation_steps(cfg: PretrainConfig, world_size: int) -> int:
     return cfg.optim.global_batch_size // per_step
 
 
-def config_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class Trainer:
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
@@ -77,8 +73,8 @@ class Trainer:
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device)
         checkpoint.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
+        client_state = self._load_checkpoint()  # before the run directory takes this config
         self._prepare_run_dir()
-        client_state = self._load_checkpoint()
         self.position = self._restore(client_state)
         self.tracker = self._start_tracking(client_state)
         self.loader = build_train_loader(
@@ -96,7 +92,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             previous = self.run_dir / "config.yaml"
             if previous.is_file() and previous.read_text() != self.config_text:
-                old, new = flatten(_yaml(previous.read_text())), flatten(to_dict(self.cfg))
+                old, new = flatten(yaml.safe_load(previous.read_text()) or {}), flatten(to_dict(self.cfg))
                 changed = sorted(k for k in new if old.get(k) != new[k])
                 say(f"warning: the config differs from this run's previous one in: {', '.join(changed)}; "
                     "MLflow keeps the params it logged first")
@@ -280,7 +276,6 @@ class Trainer:
             "rng": comm.all_gather_object(checkpoint.capture_rng()),
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
-            "config_sha": config_hash(self.config_text),
         }
 
     def save(self) -> None:
@@ -306,8 +301,3 @@ class Trainer:
             say(f"MLflow run {self.tracker.run_id} in {self.tracker.uri}; browse it with: "
                 f"mlflow ui --backend-store-uri {self.tracker.uri}")
 
-
-def _yaml(text: str) -> dict:
-    import yaml
-
-    return yaml.safe_load(text) or {}

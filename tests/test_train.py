@@ -150,6 +150,7 @@ def test_bf16_run(mini_shards: Path, tmp_path: Path) -> None:
     line = last_error(run_largessl(mini_run(mini_shards, "bf16", "distributed.precision=bf16",
                                             "distributed.zero_stage=2", "model.name=vit_small_patch16"), tmp_path))
     assert line.startswith("largessl: error: cannot resume from") and "use another run.name" in line
+    assert "vit_tiny_patch16" in (run / "config.yaml").read_text()  # the run directory keeps its config
 
 
 def start(args: list[str], workdir: Path, nproc: int) -> subprocess.Popen:

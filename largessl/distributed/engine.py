@@ -167,14 +167,15 @@ class Engine:
         return client_state if path is not None else None
 
 
-def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint tag directory, on CPU, for any ZeRO stage (evaluation, export)."""
+def read_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(full fp32 weights on CPU, client state) of a checkpoint tag directory, for any ZeRO stage, without a
+    process group (evaluation, export)."""
     tag_dir = Path(tag_dir)
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 0:  # weights are whole in the model file (in the training dtype)
-        return {k: v.float() for k, v in states["module"].items()}
+        return {k: v.float() for k, v in states["module"].items()}, states
     _deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name), states

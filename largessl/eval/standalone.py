@@ -26,16 +26,16 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
     except FileNotFoundError:
         raise UserError(f"--checkpoint: no checkpoint under {run_dir}") from None
     cfg = config_from_yaml_text(config_path.read_text())
-    from largessl.distributed.engine import consolidated_state_dict
+    from largessl.distributed.engine import read_checkpoint
 
+    weights, states = read_checkpoint(tag_dir)
     objective = OBJECTIVES[cfg.objective.name](cfg.objective, cfg.model)
-    missing, unexpected = objective.load_state_dict(consolidated_state_dict(tag_dir), strict=False)
+    missing, unexpected = objective.load_state_dict(weights, strict=False)
     encoder = objective.eval_encoder()
     prefix = next(name for name, module in objective.named_modules() if module is encoder)
     if any(key.startswith(prefix + ".") for key in missing) or unexpected:
         raise UserError(f"--checkpoint: {tag_dir} does not match the run's config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return encoder, cfg, states, tag_dir
 
 
