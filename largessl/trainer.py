@@ -40,6 +40,7 @@ from largessl.tracking import NullTracker, Tracker, git_commit
 
 # SLURM sends SIGTERM (or a chosen signal such as USR1) before preempting; Ctrl-C is SIGINT.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_CHECK_EVERY = 10
 
 
 def accumulation_steps(cfg: PretrainConfig, world_size: int) -> int:
@@ -172,7 +173,7 @@ class Trainer:
                 if self.cfg.eval.knn_every and self.step % self.cfg.eval.knn_every == 0:
                     with interval.paused():
                         self._log_knn()
-                stopping = comm.all_reduce_max(float(self.stop_signal), self.env.device) > 0
+                stopping = self._stop_requested(report)
                 if stopping or self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                     with interval.paused():
                         self.save()
@@ -284,6 +285,13 @@ class Trainer:
         comm.barrier()
         if self.env.is_main:
             checkpoint.prune(self.ckpt_dir, self.cfg.trainer.keep_last)
+
+    def _stop_requested(self, reporting: bool) -> bool:
+        """Whether any rank got a stop signal; all ranks ask at the same steps (a collective with a device sync,
+        so only every STOP_CHECK_EVERY steps and at reports: a preempted job stops within that many steps)."""
+        if not reporting and self.step % STOP_CHECK_EVERY and self.step != self.cfg.trainer.max_steps:
+            return False
+        return comm.all_reduce_max(float(self.stop_signal), self.env.device) > 0
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.stop_signal and signum == signal.SIGINT:

@@ -153,6 +153,14 @@ def test_bf16_run(mini_shards: Path, tmp_path: Path) -> None:
     assert "vit_tiny_patch16" in (run / "config.yaml").read_text()  # the run directory keeps its config
 
 
+def test_zero1_run(mini_shards: Path, tmp_path: Path) -> None:
+    ok(run_largessl(mini_run(mini_shards, "zero1", "distributed.zero_stage=1", "trainer.max_steps=4",
+                             "trainer.log_every=2", "tracking.enabled=false"), tmp_path))
+    metrics = read_metrics(tmp_path / "runs" / "zero1")
+    assert sorted(metrics) == [2, 4] and metrics[4]["grad_norm"] > 0
+    assert json.loads((tmp_path / "runs" / "zero1" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
+
+
 def start(args: list[str], workdir: Path, nproc: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), "-m", "largessl", *args]
