@@ -182,12 +182,12 @@ class EvalStream(IterableDataset):
 
 
 def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
-    workers = num_workers if num_workers > 0 else 0
+    """Batches come ready-made from the dataset (batch_size=None); pinned only when there is a GPU to copy to."""
     return DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory and torch.cuda.is_available(),
-        prefetch_factor=prefetch_factor if workers else None, persistent_workers=False,
-        worker_init_fn=_worker_ignores_preemption_signals if workers else None,
-        multiprocessing_context="fork" if workers and os.name == "posix" else None,
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
+        prefetch_factor=prefetch_factor if num_workers else None,
+        worker_init_fn=_worker_ignores_preemption_signals if num_workers else None,
+        multiprocessing_context="fork" if num_workers and os.name == "posix" else None,
     )
 
 

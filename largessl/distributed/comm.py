@@ -16,10 +16,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         values = values.clone()

@@ -117,7 +117,6 @@ class Engine:
             optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=betas, eps=eps)
         self.optimizer = optimizer  # its param_groups are the ones DeepSpeed steps: we set lr/wd on them
         self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-        self.device = device
 
     @property
     def module(self) -> torch.nn.Module:
@@ -153,9 +152,6 @@ class Engine:
     def loss_scale(self) -> float:
         scale = getattr(self.ds.optimizer, "cur_scale", None) or getattr(self.ds.optimizer, "loss_scale", None)
         return float(scale) if scale else 1.0
-
-    def train(self, mode: bool = True) -> None:
-        self.ds.train(mode)
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Every rank must call this (each writes its own ZeRO partition)."""
