@@ -209,15 +209,15 @@ class Trainer:
         sync(self.env.device)
         terms = interval.mean_terms()
         keys = sorted(terms)
-        means = comm.all_reduce_mean(torch.stack([terms[k] for k in keys]))
-        corrupt = comm.all_reduce_mean(torch.tensor([float(self.position.corrupt)], device=self.env.device))
+        corrupt = torch.tensor(float(self.position.corrupt), device=self.env.device)
+        means = comm.all_reduce_mean(torch.stack([*(terms[k] for k in keys), corrupt])).tolist()  # one collective
         step_time = interval.step_time()
-        metrics = {k: float(v) for k, v in zip(keys, means.tolist(), strict=True)}
+        metrics = {k: float(v) for k, v in zip(keys, means[:-1], strict=True)}
         metrics.update({
             "lr": lr, "weight_decay": wd, "loss_scale": self.engine.loss_scale(),
             "images_per_sec": self.cfg.optim.global_batch_size / step_time, "step_time": step_time,
             "peak_mem_gb": peak_memory_gb(self.env.device), "epoch": self.epoch(),
-            "data/corrupt_images": float(corrupt.item()) * self.env.world_size,
+            "data/corrupt_images": means[-1] * self.env.world_size,
         })
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
@@ -297,8 +297,8 @@ class Trainer:
         if self.stop_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if not self.stop_signal:
-            print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint within {STOP_CHECK_EVERY} steps, "
+                  "then stopping (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
         self.stop_signal = signum
 
     def _say_done(self) -> None:
