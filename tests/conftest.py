@@ -54,9 +54,11 @@ def uneven_dataset(out: Path, sizes: list[int], corrupt_at: int | None = None) -
 
 
 def write_shards(src: Path, out: Path, split: str, per_shard: int) -> Path:
-    from data_tools.imagefolder import convert
+    from data_tools.__main__ import main
 
-    convert(src, out, split=split, samples_per_shard=per_shard, shard_bytes=1 << 40, seed=0, quality=90)
+    code = main(["imagefolder", str(src), str(out), "--split", split, "--samples-per-shard", str(per_shard),
+                 "--workers", "2"])
+    assert code == 0
     return out
 
 

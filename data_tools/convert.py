@@ -1,0 +1,382 @@
+"""The resumable conversion: scan -> plan -> shards written by a pool of workers -> rejected.jsonl -> dataset.json.
+
+State lives in OUT/.convert/SPLITS/: the scan, the recorded options and one small record per finished shard. A
+shard is finished when its record exists; everything else is redone from the plan, which is a pure function of
+the scan and the options, so a conversion killed at any moment (SIGKILL included) and run again produces the same
+bytes as one that was never interrupted. The work directory is removed once dataset.json is written.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data_tools.errors import ToolError
+from data_tools.images import Rejected, prepare
+from data_tools.plan import (ShardPlan, class_list, cut_into_shards, hold_out, items_by_class, per_shard_for_bytes,
+                             shuffled)
+from data_tools.progress import Progress, duration, human_bytes
+from data_tools.shards import ShardFile, read_index, utc_now, write_index
+from data_tools.sources import Scan, read_member, scan_class_folders, scan_imagenet22k
+
+WORK_DIR = ".convert"
+NOT_COUNTED = {"class not in --classes"}  # exclusions the user asked for are recorded but are not rejects
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that decides the output bytes; a resumed conversion must be given the same."""
+
+    max_size: int | None = None
+    quality: int = 90
+    seed: int = 0
+    samples_per_shard: int | None = None
+    shard_bytes: int = 1 << 30
+    val_per_class: int = 0
+    classes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Conversion:
+    command: str  # "imagefolder" or "imagenet22k"
+    src: Path
+    out: Path
+    split: str  # imagefolder's split; imagenet22k writes "train" and, with --val-per-class, "val"
+    options: Options
+    workers: int
+    max_reject_fraction: float = 0.01
+
+    @property
+    def splits(self) -> list[str]:
+        if self.command == "imagefolder":
+            return [self.split]
+        return ["train", "val"] if self.options.val_per_class else ["train"]
+
+    @property
+    def work(self) -> Path:
+        return self.out / WORK_DIR / "+".join(self.splits)
+
+    def record(self) -> dict:
+        return {"command": self.command, "src": str(self.src.resolve()), "splits": self.splits,
+                "options": asdict(self.options)}
+
+
+def run(conv: Conversion) -> int:
+    """Convert (or finish converting); exit code 1 when rejects exceed the allowed fraction, else 0."""
+    start = time.monotonic()
+    conv.out.mkdir(parents=True, exist_ok=True)
+    state = load_state(conv)
+    if state is None and already_complete(conv):
+        return 0
+    conv.work.mkdir(parents=True, exist_ok=True)
+    with worker_pool(conv.workers) as (pool, counter):
+        scan = load_or_scan(conv, pool)
+        classes, excluded = class_list(scan, list(conv.options.classes) if conv.options.classes else None)
+        if state is None:
+            state = new_state(conv, scan, classes)
+        plans = plan_shards(conv, scan, classes, state["per_shard"])
+        done = finished_shards(conv, plans)
+        remove_stale_temporaries(conv)
+        pending = [p for p in plans if p.file not in done]
+        write_pending(conv, pool, counter, scan, pending, done)
+    code = finish(conv, scan, classes, excluded, plans, done, state["created"])
+    elapsed, images = time.monotonic() - start, sum(len(p.items) for p in pending)
+    print(f"{images:,} images processed in {duration(elapsed)} ({images / elapsed:,.0f} images/s, "
+          f"{images / elapsed / conv.workers:,.0f} per worker)")
+    return code
+
+
+# --- state ---------------------------------------------------------------------------------------------------
+
+def load_state(conv: Conversion) -> dict | None:
+    path = conv.work / "plan.json"
+    if not path.is_file():
+        refuse_foreign_shards(conv)
+        return None
+    state = json.loads(path.read_text())
+    if state["record"] != conv.record():
+        changed = [k for k in sorted(set(state["record"]["options"]) | set(conv.record()["options"]))
+                   if state["record"]["options"].get(k) != conv.record()["options"].get(k)]
+        what = ", ".join(changed) or "source or command"
+        raise ToolError(f"{conv.out} holds an unfinished conversion started with other options ({what}); rerun it "
+                        f"with the same options, or remove {conv.work} to start over")
+    print(f"resuming the conversion in {conv.work}", file=sys.stderr)
+    return state
+
+
+def already_complete(conv: Conversion) -> bool:
+    index = read_index(conv.out)
+    present = [s for s in conv.splits if s in index.get("splits", {})]
+    if not present:
+        return False
+    if index.get("preprocess") != preprocess_entry(conv.options) or len(present) != len(conv.splits):
+        raise ToolError(f"{conv.out}/dataset.json already has split(s) {', '.join(present)} written with other "
+                        f"options; write to a new directory")
+    counts = ", ".join(f"{s} {index['splits'][s]['num_samples']:,} samples" for s in present)
+    print(f"{conv.out} already complete ({counts}); nothing to do", file=sys.stderr)
+    return True
+
+
+def refuse_foreign_shards(conv: Conversion) -> None:
+    pattern = re.compile(rf"({'|'.join(map(re.escape, conv.splits))})-\d{{6}}\.tar$")
+    if (conv.out / "dataset.json").is_file() or not conv.out.is_dir():
+        return  # shards of a finished split are handled by already_complete
+    foreign = sorted(p.name for p in conv.out.iterdir() if pattern.match(p.name))
+    if foreign:
+        raise ToolError(f"{conv.out} already holds {foreign[0]} (and {len(foreign) - 1} more) not written by this "
+                        f"conversion; write to a new directory or remove them")
+
+
+def new_state(conv: Conversion, scan: Scan, classes: list[str]) -> dict:
+    options = conv.options
+    per_shard = options.samples_per_shard or per_shard_for_bytes(options.shard_bytes, mean_output_bytes(conv, scan))
+    state = {"record": conv.record(), "created": utc_now(), "per_shard": per_shard}
+    write_json(conv.work / "plan.json", state)
+    return state
+
+
+def mean_output_bytes(conv: Conversion, scan: Scan, probe: int = 64) -> float:
+    """Mean bytes of a stored JPEG: the input size when copying; measured on a fixed sample when resizing."""
+    members = [(g, m) for g in scan.groups for m in g.members]
+    if not members:
+        return 1.0
+    if conv.options.max_size is None:
+        return sum(m[2] for _, m in members) / len(members)
+    sizes, handles = [], {}
+    for group, (name, offset, size) in members[:: max(1, len(members) // probe)][:probe]:
+        try:
+            data = read_member(group.kind, group.path, name, offset, size, handles)
+            sizes.append(len(prepare(data, max_size=conv.options.max_size, quality=conv.options.quality).jpeg))
+        except (Rejected, OSError):
+            continue
+    close_handles(handles)
+    return sum(sizes) / len(sizes) if sizes else 1.0
+
+
+def load_or_scan(conv: Conversion, pool) -> Scan:
+    path = conv.work / "scan.jsonl.gz"
+    if path.is_file():
+        return Scan.load(path)
+    if conv.command == "imagefolder":
+        scan = scan_class_folders(conv.src)
+    else:
+        progress = Progress("scanning synset tars", 0)
+
+        def report(done: int, total: int) -> None:
+            progress.total = total
+            progress.update(done)
+
+        scan = scan_imagenet22k(conv.src, conv.work / "gunzipped", pool, report)
+        progress.close()
+    scan.save(path)
+    return scan
+
+
+def plan_shards(conv: Conversion, scan: Scan, classes: list[str], per_shard: int) -> list[ShardPlan]:
+    by_class = items_by_class(scan, classes)
+    if conv.command == "imagefolder":
+        splits = {conv.split: [item for wnid in sorted(by_class) for item in by_class[wnid]]}
+    else:
+        train, val = hold_out(by_class, conv.options.val_per_class, conv.options.seed)
+        splits = {"train": train, "val": val} if conv.options.val_per_class else {"train": train}
+    return [shard for split, items in splits.items()
+            for shard in cut_into_shards(split, shuffled(items, conv.options.seed, split), per_shard)]
+
+
+def finished_shards(conv: Conversion, plans: list[ShardPlan]) -> dict[str, dict]:
+    """Records of shards whose file is in place with the recorded size; anything else is rewritten."""
+    done = {}
+    for plan in plans:
+        path = conv.work / "done" / f"{plan.file}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            shard = conv.out / plan.file
+            if shard.is_file() and shard.stat().st_size == record["entry"]["bytes"]:
+                done[plan.file] = record
+    return done
+
+
+def remove_stale_temporaries(conv: Conversion) -> None:
+    for split in conv.splits:
+        for tmp in conv.out.glob(f"{split}-*.tar.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# --- workers -------------------------------------------------------------------------------------------------
+
+class worker_pool:
+    """A process pool whose workers die with the parent (so a killed conversion leaves no writer behind) and
+    share a counter of images processed, for the progress line."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def __enter__(self):
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        self.counter = context.Value("q", 0)
+        self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=(self.counter,))
+        return self.pool, self.counter
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.pool.close()
+        else:
+            self.pool.terminate()
+        self.pool.join()
+
+
+_counter = None
+
+
+def _init_worker(counter) -> None:
+    global _counter
+    _counter = counter
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+
+
+def shard_task(conv: Conversion, scan: Scan, plan: ShardPlan) -> tuple:
+    groups = scan.groups
+    items = [(i.key, i.label, groups[i.group].kind, groups[i.group].path, groups[i.group].wnid,
+              groups[i.group].source, i.name, i.offset, i.size) for i in plan.items]
+    return str(conv.out / plan.file), plan.split, items, conv.options.max_size, conv.options.quality
+
+
+def write_shard(task: tuple) -> dict:
+    """Worker: read, check or convert and store each planned sample of one shard; rejects are recorded."""
+    path, split, items, max_size, quality = task
+    shard, rejects, handles, copied, unreported = ShardFile(Path(path)), [], {}, 0, 0
+    for key, label, kind, group_path, wnid, group_source, name, offset, size in items:
+        source = f"{group_source}/{name}"
+        try:
+            prepared = prepare(read_member(kind, group_path, name, offset, size, handles), max_size=max_size,
+                               quality=quality)
+        except Rejected as exc:
+            rejects.append({"split": split, "source": source, "reason": exc.reason, "detail": exc.detail})
+        except OSError as exc:
+            rejects.append({"split": split, "source": source, "reason": "unreadable file", "detail": str(exc)})
+        else:
+            copied += prepared.copied
+            shard.write(key, prepared.jpeg, label,
+                        {"source": source, "wnid": wnid, "width": prepared.width, "height": prepared.height})
+        unreported += 1
+        if unreported == 32:
+            unreported = _report(unreported)
+    _report(unreported)
+    close_handles(handles)
+    entry = shard.close()
+    return {"split": split, "entry": entry, "rejects": rejects, "copied": copied,
+            "converted": entry["num_samples"] - copied}
+
+
+def _report(n: int) -> int:
+    with _counter.get_lock():
+        _counter.value += n
+    return 0
+
+
+def close_handles(handles: dict[str, int]) -> None:
+    for fd in handles.values():
+        os.close(fd)
+    handles.clear()
+
+
+def write_pending(conv: Conversion, pool, counter, scan: Scan, pending: list[ShardPlan], done: dict) -> None:
+    if not pending:
+        return
+    total = sum(len(p.items) for p in pending)
+    label = f"{'+'.join(conv.splits)} ({len(pending)} shards, {conv.workers} workers)"
+    if done:
+        label = f"{'+'.join(conv.splits)} (resumed: {len(done)} shards done, {len(pending)} to write)"
+    progress = Progress(label, total)
+    (conv.work / "done").mkdir(exist_ok=True)
+    results = pool.imap_unordered(write_shard, (shard_task(conv, scan, p) for p in pending))
+    while True:
+        try:
+            record = results.next(timeout=0.5)
+        except multiprocessing.TimeoutError:
+            progress.update(counter.value)
+            continue
+        except StopIteration:
+            break
+        write_json(conv.work / "done" / f"{record['entry']['file']}.json", record)
+        done[record["entry"]["file"]] = record
+        progress.update(counter.value)
+    progress.close()
+
+
+# --- the end -------------------------------------------------------------------------------------------------
+
+def preprocess_entry(options: Options) -> dict:
+    return {"max_size": options.max_size, "jpeg_quality": options.quality, "shuffle_seed": options.seed}
+
+
+def finish(conv: Conversion, scan: Scan, classes: list[str], excluded: list[dict], plans: list[ShardPlan],
+           done: dict[str, dict], created: str) -> int:
+    """rejected.jsonl, then dataset.json (last), then the summary; removes the work directory."""
+    job = "+".join(conv.splits)
+    scan_rejects = [{"split": job, **r} for r in scan.rejects + excluded]
+    shard_rejects = [r for p in plans for r in done[p.file]["rejects"]]
+    write_rejects(conv, scan_rejects + shard_rejects)
+    for split in conv.splits:
+        shards = [done[p.file]["entry"] for p in plans if p.split == split]
+        entry = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+        write_index(conv.out, name=conv.out.resolve().name, source=f"{conv.command} {conv.src.resolve()}",
+                    classes=classes, split=split, split_entry=entry, preprocess=preprocess_entry(conv.options),
+                    created=created)
+    shutil.rmtree(conv.work)
+    if not any((conv.out / WORK_DIR).iterdir()):
+        (conv.out / WORK_DIR).rmdir()
+    return summarize(conv, plans, done, scan_rejects + shard_rejects, classes)
+
+
+def write_rejects(conv: Conversion, rejects: list[dict]) -> None:
+    """This conversion's rejects replace those an earlier run of the same splits wrote; other splits' stay."""
+    path = conv.out / "rejected.jsonl"
+    mine = set(conv.splits)
+    kept = []
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and not set(json.loads(line).get("split", "").split("+")) & mine]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept + [json.dumps(r, sort_keys=True) for r in rejects]))
+    os.replace(tmp, path)
+
+
+def summarize(conv: Conversion, plans: list[ShardPlan], done: dict, rejects: list[dict], classes: list[str]) -> int:
+    records = [done[p.file] for p in plans]
+    written = sum(r["entry"]["num_samples"] for r in records)
+    counted = [r for r in rejects if r["reason"] not in NOT_COUNTED]
+    reasons = collections.Counter(r["reason"] for r in rejects)
+    for split in conv.splits:
+        shards = [r["entry"] for r in records if r["split"] == split]
+        print(f"{conv.out} [{split}]: {sum(s['num_samples'] for s in shards):,} samples in {len(shards)} shards, "
+              f"{human_bytes(sum(s['bytes'] for s in shards))}, {len(classes):,} classes")
+    print(f"copied {sum(r['copied'] for r in records):,} JPEGs byte for byte, converted "
+          f"{sum(r['converted'] for r in records):,}; rejected {len(counted):,}"
+          + (f" ({', '.join(f'{k}: {v:,}' for k, v in sorted(reasons.items()))}; see rejected.jsonl)"
+             if rejects else ""))
+    fraction = len(counted) / max(1, written + len(counted))
+    if fraction > conv.max_reject_fraction:
+        print(f"error: {fraction:.2%} of the inputs were rejected, more than --max-reject-fraction "
+              f"{conv.max_reject_fraction:g}; the dataset is written, check rejected.jsonl", file=sys.stderr)
+        return 1
+    return 0
+

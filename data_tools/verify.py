@@ -1,0 +1,141 @@
+"""python -m data_tools verify OUT: every number in dataset.json checked against the shards on disk.
+
+Full: each listed shard exists with the recorded bytes and sha256, holds the recorded number of samples, every
+sample has its members, a label in range and a JPEG that decodes, and keys are unique across the dataset.
+`--quick`: sizes and sample counts only, from the tar headers (no hashing, no decoding).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import sys
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+from data_tools.errors import ToolError
+from data_tools.progress import Progress
+from data_tools.shards import read_index, sha256_of
+
+MAX_LISTED = 20
+
+
+def verify(out: Path, *, quick: bool, workers: int) -> int:
+    index = read_index(out)
+    if not index:
+        raise ToolError(f"{out} has no dataset.json")
+    problems = check_index(index)
+    jobs = [(str(out / s["file"]), split, s, len(index["classes"]), quick)
+            for split, entry in sorted(index["splits"].items()) for s in entry["shards"]]
+    keys: dict[str, str] = {}
+    progress = Progress(f"verifying {len(jobs)} shards" + (" (quick)" if quick else ""),
+                        sum(s["num_samples"] for _, _, s, _, _ in jobs))
+    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+        done = 0
+        for file, shard_problems, shard_keys, count in pool.imap(check_shard, jobs):
+            problems += shard_problems
+            for key in shard_keys:
+                if key in keys:
+                    problems.append(f"{file}: key {key} also in {keys[key]}")
+                keys[key] = file
+            done += count
+            progress.update(done)
+    progress.close()
+    listed = {s["file"] for entry in index["splits"].values() for s in entry["shards"]}
+    unlisted = sorted(p.name for p in out.glob("*.tar") if p.name not in listed)
+    if unlisted:
+        print(f"note: {len(unlisted)} tar file(s) not in dataset.json, e.g. {unlisted[0]}", file=sys.stderr)
+    return report(out, index, problems, quick)
+
+
+def check_index(index: dict) -> list[str]:
+    problems = []
+    for split, entry in sorted(index.get("splits", {}).items()):
+        total = sum(s["num_samples"] for s in entry["shards"])
+        if total != entry["num_samples"]:
+            problems.append(f"split {split}: num_samples {entry['num_samples']} but its shards add up to {total}")
+    return problems
+
+
+def check_shard(job: tuple) -> tuple[str, list[str], list[str], int]:
+    path, split, expected, num_classes, quick = job
+    name = Path(path).name
+    try:
+        size = Path(path).stat().st_size
+    except FileNotFoundError:
+        return name, [f"{name}: missing (listed in split {split})"], [], expected["num_samples"]
+    problems = []
+    if size != expected["bytes"]:
+        problems.append(f"{name}: {size} bytes, dataset.json says {expected['bytes']}")
+    if not quick and not problems and sha256_of(Path(path)) != expected["sha256"]:
+        problems.append(f"{name}: sha256 differs from dataset.json (the file changed after it was written)")
+    try:
+        keys, sample_problems = read_samples(path, num_classes, decode=not quick)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return name, problems + [f"{name}: not a readable tar ({exc})"], [], expected["num_samples"]
+    problems += [f"{name}: {p}" for p in sample_problems[:MAX_LISTED]]
+    if len(keys) != expected["num_samples"]:
+        problems.append(f"{name}: {len(keys)} samples, dataset.json says {expected['num_samples']}")
+    return name, problems, keys, expected["num_samples"]
+
+
+def read_samples(path: str, num_classes: int, decode: bool) -> tuple[list[str], list[str]]:
+    """Keys in order, and what is wrong with each sample (members grouped by key, webdataset convention)."""
+    keys, problems, members = [], [], {}
+
+    def close_sample() -> None:
+        if keys:
+            problems.extend(check_sample(keys[-1], members, num_classes, decode))
+        members.clear()
+
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if not keys or key != keys[-1]:
+                close_sample()
+                keys.append(key)
+            members[ext] = tar.extractfile(info).read() if decode or ext == "cls" else b""
+        close_sample()
+    return keys, problems
+
+
+def check_sample(key: str, members: dict[str, bytes], num_classes: int, decode: bool) -> list[str]:
+    missing = [m for m in ("jpg", "json") if m not in members]
+    if missing:
+        return [f"sample {key} lacks {', '.join(missing)}"]
+    problems = []
+    if "cls" in members:
+        try:
+            label = int(members["cls"])
+        except ValueError:
+            label = -1
+        if not 0 <= label < num_classes:
+            problems.append(f"sample {key} has label {members['cls'][:20]!r}, not in 0..{num_classes - 1}")
+    if decode:
+        try:
+            json.loads(members["json"])
+            with Image.open(io.BytesIO(members["jpg"])) as image:
+                if image.format != "JPEG" or image.mode != "RGB":
+                    problems.append(f"sample {key} is {image.format} {image.mode}, not an RGB JPEG")
+                image.load()
+        except Exception as exc:  # any decoder failure is a finding, never a crash
+            problems.append(f"sample {key} does not decode ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def report(out: Path, index: dict, problems: list[str], quick: bool) -> int:
+    splits = ", ".join(f"{split} {entry['num_samples']:,} samples in {len(entry['shards'])} shards"
+                       for split, entry in sorted(index["splits"].items()))
+    checked = "sizes and counts" if quick else "bytes, sha256, counts, labels and decoding"
+    if not problems:
+        print(f"OK {out}: {splits}; {checked} match dataset.json")
+        return 0
+    for problem in problems[:MAX_LISTED]:
+        print(f"  {problem}")
+    if len(problems) > MAX_LISTED:
+        print(f"  ... and {len(problems) - MAX_LISTED} more")
+    print(f"FAILED {out}: {len(problems)} problem(s) ({splits})")
+    return 1
