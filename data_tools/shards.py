@@ -12,8 +12,6 @@ import json
 import os
 from pathlib import Path
 
-from webdataset import TarWriter
-
 from data_tools.errors import ToolError
 
 FORMAT = "largessl-wds/1"
@@ -35,6 +33,8 @@ class ShardFile:
     """One `{split}-NNNNNN.tar`: samples appended in order; `close()` renames it into place and describes it."""
 
     def __init__(self, path: Path) -> None:
+        from webdataset import TarWriter  # imported here: it pulls in torch, which verify and inspect do not need
+
         self.path = path
         self.tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         self.num_samples = self.payload_bytes = 0
