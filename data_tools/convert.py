@@ -23,8 +23,15 @@ from pathlib import Path
 
 from data_tools.errors import ToolError
 from data_tools.images import Rejected, prepare
-from data_tools.plan import (ShardPlan, class_list, cut_into_shards, hold_out, items_by_class, per_shard_for_bytes,
-                             shuffled)
+from data_tools.plan import (
+    ShardPlan,
+    class_list,
+    cut_into_shards,
+    hold_out,
+    items_by_class,
+    per_shard_for_bytes,
+    shuffled,
+)
 from data_tools.progress import Progress, duration, human_bytes
 from data_tools.shards import ShardFile, read_index, utc_now, write_index
 from data_tools.sources import Scan, read_member, scan_class_folders, scan_imagenet22k

@@ -40,7 +40,7 @@ def inspect(out: Path, *, split: str | None, sheet: Path | None, samples: int, s
         counts = pool.map(label_counts, [str(out / s["file"]) for _, s in shards])
     for split in splits:
         entries = [s for sp, s in shards if sp == split]
-        histogram = sum((c for (sp, _), c in zip(shards, counts) if sp == split), Counter())
+        histogram = sum((c for (sp, _), c in zip(shards, counts, strict=True) if sp == split), Counter())
         print(f"\n[{split}] {index['splits'][split]['num_samples']:,} samples in {len(entries):,} shards")
         print_shard_stats(entries)
         print_histogram(histogram, classes)

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from data_tools.sources import Group, Scan, reject
 from data_tools.shards import shard_name
+from data_tools.sources import Group, Scan, reject
 
 TAR_OVERHEAD = 2048  # bytes per sample beyond the JPEG: three 512-byte headers, padding, the json member
 

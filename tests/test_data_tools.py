@@ -210,7 +210,7 @@ def test_imagefolder_converts_or_rejects_each_bad_input(tmp_path: Path) -> None:
     expected_rejects = {f"{CLASSES[1]}/{n}": why for n, (_, why) in cases.items() if why != "convert"}
     assert rejects == {**expected_rejects, "stray.JPEG": "not in a class folder"}
     assert len(samples) == 40 + sum(why == "convert" for _, why in cases.values())
-    for name, (data, why) in cases.items():
+    for name, (_, why) in cases.items():
         if why != "convert":
             continue
         sample = samples[f"{CLASSES[1]}/{name}"]
