@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from data_tools.errors import ToolError
 from data_tools.images import Rejected, prepare
 from data_tools.plan import (
@@ -95,11 +97,11 @@ def run(conv: Conversion) -> int:
         done = finished_shards(conv, plans)
         remove_stale_temporaries(conv)
         pending = [p for p in plans if p.file not in done]
-        write_pending(conv, pool, counter, scan, pending, done)
+        writing = write_pending(conv, pool, counter, scan, pending, done)
     code = finish(conv, scan, classes, excluded, plans, done, state["created"])
-    elapsed, images = time.monotonic() - start, sum(len(p.items) for p in pending)
-    print(f"{images:,} images processed in {duration(elapsed)} ({images / elapsed:,.0f} images/s, "
-          f"{images / elapsed / conv.workers:,.0f} per worker)")
+    images, workers = sum(len(p.items) for p in pending), min(conv.workers, len(pending)) or 1
+    print(f"{images:,} images in {duration(time.monotonic() - start)}; writing shards: {images / writing:,.0f} "
+          f"images/s with {workers} busy worker(s), {images / writing / workers:,.0f} per worker")
     return code
 
 
@@ -255,6 +257,7 @@ def _init_worker(counter) -> None:
     global _counter
     _counter = counter
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
 
@@ -305,9 +308,13 @@ def close_handles(handles: dict[str, int]) -> None:
     handles.clear()
 
 
-def write_pending(conv: Conversion, pool, counter, scan: Scan, pending: list[ShardPlan], done: dict) -> None:
+def write_pending(conv: Conversion, pool, counter, scan: Scan, pending: list[ShardPlan], done: dict) -> float:
+    """Write the pending shards in parallel, recording each as it completes; returns the seconds it took."""
     if not pending:
-        return
+        return float("inf")
+    if len(pending) < conv.workers:
+        print(f"note: {len(pending)} shard(s) to write for {conv.workers} workers; a worker writes one shard at a "
+              f"time, so smaller shards (--shard-bytes, --samples-per-shard) would use more cores", file=sys.stderr)
     total = sum(len(p.items) for p in pending)
     label = f"{'+'.join(conv.splits)} ({len(pending)} shards, {conv.workers} workers)"
     if done:
@@ -326,7 +333,7 @@ def write_pending(conv: Conversion, pool, counter, scan: Scan, pending: list[Sha
         write_json(conv.work / "done" / f"{record['entry']['file']}.json", record)
         done[record["entry"]["file"]] = record
         progress.update(counter.value)
-    progress.close()
+    return progress.close()
 
 
 # --- the end -------------------------------------------------------------------------------------------------

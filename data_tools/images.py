@@ -1,8 +1,9 @@
 """One input file -> the RGB JPEG a shard stores, or a rejection with a reason.
 
-A JPEG that is already RGB, upright and within `max_size` is copied byte for byte after a full decode (the decode
-is what catches truncated and corrupt files). Everything else that decodes is converted: EXIF orientation applied,
-alpha composited onto white, shrunk so the short side is `max_size` (never enlarged), and encoded at `quality`.
+A JPEG that is already RGB, upright and within `max_size` is copied byte for byte after a decode at 1/8 scale
+(which reads every entropy-coded block, so it catches truncated and corrupt files). Everything else that decodes is
+converted: EXIF orientation applied, alpha composited onto white, shrunk so the short side is `max_size` (never
+enlarged), and encoded at `quality`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import math
 from dataclasses import dataclass
 
+import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXIF_ORIENTATION = 0x0112
@@ -56,6 +58,9 @@ def _prepare_open(image: Image.Image, data: bytes, max_size: int | None, quality
     shrink = max_size is not None and min(width, height) > max_size
     upright = image.getexif().get(EXIF_ORIENTATION, 1) == 1
     if image.format == "JPEG" and image.mode == "RGB" and upright and not shrink:
+        # A 1/8-scale decode still entropy-decodes every block, so it fails on truncated or corrupt data like a
+        # full decode does, at about half the cost (the inverse DCT and colour conversion shrink 64-fold).
+        image.draft("RGB", (math.ceil(width / 8), math.ceil(height / 8)))
         image.load()
         return Prepared(data, width, height, copied=True)
     if shrink and image.format == "JPEG":
@@ -88,4 +93,7 @@ def shrink_short_side(image: Image.Image, max_size: int) -> Image.Image:
         return image
     scale = max_size / min(width, height)
     size = (max_size, max(1, round(height * scale))) if width <= height else (max(1, round(width * scale)), max_size)
-    return image.resize(size, Image.Resampling.BICUBIC)
+    # torchvision's antialiased bicubic on uint8 matches Pillow's filter and runs about 6x faster on x86 (SIMD)
+    resized = F.resize(F.pil_to_tensor(image), [size[1], size[0]], interpolation=F.InterpolationMode.BICUBIC,
+                       antialias=True)
+    return F.to_pil_image(resized)

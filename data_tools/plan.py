@@ -17,7 +17,7 @@ from data_tools.sources import Group, Scan, reject
 TAR_OVERHEAD = 2048  # bytes per sample beyond the JPEG: three 512-byte headers, padding, the json member
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ImageNet-22K plans hold 14M of these
 class Item:
     """One planned sample: where its bytes are and what it becomes."""
 
