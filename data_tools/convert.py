@@ -89,7 +89,13 @@ def run(conv: Conversion) -> int:
         return 0
     conv.work.mkdir(parents=True, exist_ok=True)
     with worker_pool(conv.workers) as (pool, counter):
-        scan = load_or_scan(conv, pool)
+        try:
+            scan = load_or_scan(conv, pool)
+        except ToolError:
+            if state is None:  # nothing of this conversion exists yet: leave OUT as it was
+                shutil.rmtree(conv.work)
+                remove_if_empty(conv.out / WORK_DIR)
+            raise
         classes, excluded = class_list(scan, list(conv.options.classes) if conv.options.classes else None)
         if state is None:
             state = new_state(conv, scan, classes)
@@ -219,6 +225,11 @@ def remove_stale_temporaries(conv: Conversion) -> None:
     for split in conv.splits:
         for tmp in conv.out.glob(f"{split}-*.tar.tmp*"):
             tmp.unlink(missing_ok=True)
+
+
+def remove_if_empty(directory: Path) -> None:
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -356,8 +367,7 @@ def finish(conv: Conversion, scan: Scan, classes: list[str], excluded: list[dict
                     classes=classes, split=split, split_entry=entry, preprocess=preprocess_entry(conv.options),
                     created=created)
     shutil.rmtree(conv.work)
-    if not any((conv.out / WORK_DIR).iterdir()):
-        (conv.out / WORK_DIR).rmdir()
+    remove_if_empty(conv.out / WORK_DIR)
     return summarize(conv, plans, done, scan_rejects + shard_rejects, classes)
 
 

@@ -27,6 +27,7 @@ def verify(out: Path, *, quick: bool, workers: int) -> int:
     index = read_index(out)
     if not index:
         raise ToolError(f"{out} has no dataset.json")
+    require_fields(out, index)
     problems = check_index(index)
     jobs = [(str(out / s["file"]), split, s, len(index["classes"]), quick)
             for split, entry in sorted(index["splits"].items()) for s in entry["shards"]]
@@ -51,9 +52,25 @@ def verify(out: Path, *, quick: bool, workers: int) -> int:
     return report(out, index, problems, quick)
 
 
+def require_fields(out: Path, index: dict) -> None:
+    """The fields verify reads, so a hand-edited index fails with a line, not a KeyError."""
+    def missing(fields: tuple[str, ...], record: object) -> list[str]:
+        return [f for f in fields if not isinstance(record, dict) or f not in record]
+
+    absent = missing(("classes", "splits"), index)
+    for split, entry in (index.get("splits") or {}).items():
+        absent += [f"splits.{split}.{f}" for f in missing(("num_samples", "shards"), entry)]
+        for n, shard in enumerate(entry.get("shards") or [] if isinstance(entry, dict) else []):
+            absent += [f"splits.{split}.shards[{n}].{f}"
+                       for f in missing(("file", "num_samples", "bytes", "sha256"), shard)]
+    if absent:
+        raise ToolError(f"{out}/dataset.json is malformed: no {absent[0]}" + (f" (and {len(absent) - 1} more)"
+                                                                              if len(absent) > 1 else ""))
+
+
 def check_index(index: dict) -> list[str]:
     problems = []
-    for split, entry in sorted(index.get("splits", {}).items()):
+    for split, entry in sorted(index["splits"].items()):
         total = sum(s["num_samples"] for s in entry["shards"])
         if total != entry["num_samples"]:
             problems.append(f"split {split}: num_samples {entry['num_samples']} but its shards add up to {total}")

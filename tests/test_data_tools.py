@@ -473,16 +473,21 @@ def test_inspect_prints_histogram_and_writes_contact_sheet(mini_shards: Path, tm
     (["imagenet22k", "SRC_FILE", "OUT"], "cannot read"),
     (["verify", "OUT"], "has no dataset.json"),
     (["imagefolder", "EMPTY", "OUT"], "no images under class folders"),
+    (["verify", "MALFORMED"], "dataset.json is malformed: no splits.train.num_samples"),
 ])
 def test_bad_input_one_line_error(args: list[str], message: str, tmp_path: Path) -> None:
     (tmp_path / "SRC_FILE").write_bytes(b"not a tar at all" * 64)
     (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "MALFORMED").mkdir()
+    (tmp_path / "MALFORMED" / "dataset.json").write_text(json.dumps(
+        {"format": "largessl-wds/1", "classes": [], "splits": {"train": {"shards": []}}}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "data_tools", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "OUT").exists() or not any((tmp_path / "OUT").iterdir())  # a failed start leaves nothing
 
 
 def test_refuses_shards_it_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
