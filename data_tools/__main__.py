@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -104,6 +105,8 @@ def convert_command(args: argparse.Namespace) -> int:
         raise ToolError(f"SRC '{args.src}' is not a directory")
     if args.out.resolve() == args.src.resolve() or args.src.resolve() in args.out.resolve().parents:
         raise ToolError(f"OUT '{args.out}' must not be inside SRC")
+    if args.command == "imagefolder" and not re.fullmatch(r"[A-Za-z0-9_]+", args.split):
+        raise ToolError(f"--split must be letters, digits or _ (it names the shard files), got {args.split!r}")
     if not 0 <= args.max_reject_fraction <= 1:
         raise ToolError(f"--max-reject-fraction must be between 0 and 1, got {args.max_reject_fraction}")
     classes = read_classes(args.classes) if getattr(args, "classes", None) else None

@@ -473,6 +473,7 @@ def test_inspect_prints_histogram_and_writes_contact_sheet(mini_shards: Path, tm
     (["imagenet22k", "SRC_FILE", "OUT"], "cannot read"),
     (["verify", "OUT"], "has no dataset.json"),
     (["imagefolder", "EMPTY", "OUT"], "no images under class folders"),
+    (["imagefolder", "EMPTY", "OUT", "--split", "../up"], "--split must be letters, digits or _"),
     (["verify", "MALFORMED"], "dataset.json is malformed: no splits.train.num_samples"),
 ])
 def test_bad_input_one_line_error(args: list[str], message: str, tmp_path: Path) -> None:
