@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import itertools
 import json
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ import torch
 
 from data_tools.errors import ToolError
 from data_tools.images import Rejected, prepare
+from data_tools.parallel import process_context
 from data_tools.plan import (
     ShardPlan,
     class_list,
@@ -162,13 +164,16 @@ def new_state(conv: Conversion, scan: Scan, classes: list[str]) -> dict:
 
 def mean_output_bytes(conv: Conversion, scan: Scan, probe: int = 64) -> float:
     """Mean bytes of a stored JPEG: the input size when copying; measured on a fixed sample when resizing."""
-    members = [(g, m) for g in scan.groups for m in g.members]
-    if not members:
+    count = sum(len(g.members) for g in scan.groups)
+    if not count:
         return 1.0
     if conv.options.max_size is None:
-        return sum(m[2] for _, m in members) / len(members)
+        return sum(m[2] for g in scan.groups for m in g.members) / count
+    members = ((g, m) for g in scan.groups for m in g.members)  # a generator: ImageNet-22K has 14M members
     sizes, handles = [], {}
-    for group, (name, offset, size) in members[:: max(1, len(members) // probe)][:probe]:
+    for group, (name, offset, size) in itertools.islice(members, 0, None, max(1, count // probe)):
+        if len(sizes) == probe:
+            break
         try:
             data = read_member(group.kind, group.path, name, offset, size, handles)
             sizes.append(len(prepare(data, max_size=conv.options.max_size, quality=conv.options.quality).jpeg))
@@ -248,7 +253,7 @@ class worker_pool:
         self.workers = workers
 
     def __enter__(self):
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        context = process_context()
         self.counter = context.Value("q", 0)
         self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=(self.counter,))
         return self.pool, self.counter

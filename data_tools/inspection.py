@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-import multiprocessing
 import random
 import statistics
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageOps
 
 from data_tools.errors import ToolError
+from data_tools.parallel import process_context
 from data_tools.progress import human_bytes
 from data_tools.shards import read_index
 
@@ -36,7 +35,7 @@ def inspect(out: Path, *, split: str | None, sheet: Path | None, samples: int, s
     missing = [s["file"] for _, s in shards if not (out / s["file"]).is_file()]
     if missing:
         raise ToolError(f"shard {missing[0]} listed in dataset.json is missing (run verify)")
-    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+    with process_context().Pool(workers) as pool:
         counts = pool.map(label_counts, [str(out / s["file"]) for _, s in shards])
     for split in splits:
         entries = [s for sp, s in shards if sp == split]

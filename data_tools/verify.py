@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import sys
 import tarfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from data_tools.errors import ToolError
+from data_tools.parallel import process_context
 from data_tools.progress import Progress
 from data_tools.shards import read_index, sha256_of
 
@@ -34,7 +34,7 @@ def verify(out: Path, *, quick: bool, workers: int) -> int:
     keys: dict[str, str] = {}
     progress = Progress(f"verifying {len(jobs)} shards" + (" (quick)" if quick else ""),
                         sum(s["num_samples"] for _, _, s, _, _ in jobs))
-    with multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+    with process_context().Pool(workers) as pool:
         done = 0
         for file, shard_problems, shard_keys, count in pool.imap(check_shard, jobs):
             problems += shard_problems
