@@ -7,6 +7,7 @@ state from rank 0 only, so per-rank parts are gathered into lists indexed by ran
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
@@ -32,13 +33,22 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (ckpt_dir / tag).is_dir() else None
 
 
+def model_states_file(tag_dir: Path) -> Path:
+    """Rank 0's model file of a DeepSpeed checkpoint (with the client state); ZeRO-3 names it differently."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise FileNotFoundError(tag_dir / "mp_rank_00_model_states.pt")
+
+
 def resolve_tag_dir(path: Path) -> Path:
     """A run directory, its checkpoints/ directory or one tag directory -> the tag directory to read."""
     for ckpt_dir in (path / "checkpoints", path):
         tag = latest_tag(ckpt_dir)
         if tag:
             return ckpt_dir / tag
-    if (path / "mp_rank_00_model_states.pt").is_file():
+    with contextlib.suppress(FileNotFoundError):
+        model_states_file(path)
         return path
     raise FileNotFoundError(path)
 

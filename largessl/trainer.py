@@ -30,6 +30,7 @@ from largessl.data import (
 from largessl.data.loader import DataPosition
 from largessl.data.transforms import EvalTransform
 from largessl.distributed import comm
+from largessl.distributed.ema import EMATeacher
 from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
 from largessl.errors import ConfigError, UserError, one_line
 from largessl.eval.knn import extract_features, knn_top1
@@ -73,6 +74,7 @@ class Trainer:
             objective = self.objective_cls(cfg.objective, cfg.model)
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device)
+        self.teacher = self._build_teacher()
         checkpoint.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
         client_state = self._load_checkpoint()  # before the run directory takes this config
         self._prepare_run_dir()
@@ -101,15 +103,33 @@ class Trainer:
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
         comm.barrier()
 
+    def _build_teacher(self) -> EMATeacher | None:
+        """The objective's EMA teacher, if it has one (DINO, SIM), following the student's fp32 masters."""
+        module = self.engine.module
+        names = module.teacher_pairs()
+        if not names:
+            return None
+        params = dict(module.named_parameters())
+        teacher = EMATeacher(self.engine, [(t, params[t], params[s]) for t, s in names])
+        if self.env.is_main:
+            say(f"EMA teacher: {len(names)} tensors, {self.engine.master_layout} fp32 state, "
+                f"{teacher.memory_bytes() / 2**20:.1f} MiB per rank")
+        return teacher
+
     def _load_checkpoint(self) -> dict[str, Any] | None:
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag is None:
+            if self.teacher:
+                self.teacher.initialize()  # teacher = student
             return None
         try:
             client_state = self.engine.load(self.ckpt_dir, tag)
+            if self.teacher:
+                self.teacher.load(self.ckpt_dir / tag)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"cannot resume from {self.ckpt_dir / tag}: it does not fit this config "
                             f"({one_line(exc)[:200]}); use another run.name to start a new run") from None
+        self.engine.module.load_extra_state(client_state.get("objective", {}))
         if self.env.is_main:
             say(f"resumed from {self.ckpt_dir / tag} (step {client_state['step']})")
         return client_state
@@ -158,7 +178,9 @@ class Trainer:
         cfg = self.cfg.trainer
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
-        batches = iter(self.loader)
+        rng = torch.get_rng_state()
+        batches = iter(self.loader)  # draws a worker base seed from torch's RNG (unused: samples are seeded)
+        torch.set_rng_state(rng)  # so drop path continues a resumed run's random stream exactly
         interval = Interval()
         status = "FAILED"
         try:
@@ -189,8 +211,11 @@ class Trainer:
             self.tracker.finish(status)
 
     def train_step(self, batches: Any, want_norm: bool) -> tuple[dict[str, torch.Tensor], float, float, float | None]:
-        """One optimizer step over `accumulation` micro-batches; returns mean loss terms (detached)."""
+        """One optimizer step over `accumulation` micro-batches; returns the mean of the objective's outputs."""
+        module = self.engine.module
         lr, wd = apply_schedules(self.engine.param_groups, self.step, self.cfg.optim, self.cfg.trainer.max_steps)
+        self._unfreeze_groups()
+        module.begin_step(self.step, self.cfg.trainer.max_steps)
         terms: dict[str, torch.Tensor] = {}
         grad_norm = None
         for _ in range(self.accumulation):
@@ -200,15 +225,24 @@ class Trainer:
             self.engine.backward(out["loss"])
             grad_norm = self.engine.step(want_norm)
             for key, value in out.items():
-                if key.startswith("loss"):
-                    terms[key] = terms.get(key, 0.0) + value.detach().float() / self.accumulation
-        self.engine.module.after_optimizer_step(self.step + 1)
+                terms[key] = terms.get(key, 0.0) + value.detach().float() / self.accumulation
+        module.after_optimizer_step(self.step + 1)
+        if self.teacher:
+            self.teacher.update(module.teacher_momentum())
         return terms, lr, wd, grad_norm
+
+    def _unfreeze_groups(self) -> None:
+        """When a group's freeze ends, reset its AdamW state: the official code never stepped it before."""
+        for index, group in enumerate(self.engine.param_groups):
+            if group.get("frozen_steps", 0) and self.step == group["frozen_steps"]:
+                self.engine.reset_optimizer_state(index)
+                if self.env.is_main:
+                    say(f"step {self.step}: parameter group {group['name']} starts training")
 
     def _report(self, interval: Interval, lr: float, wd: float, grad_norm: float | None) -> None:
         sync(self.env.device)
         terms = interval.mean_terms()
-        keys = sorted(terms)
+        keys = sorted(terms, key=lambda k: (k != "loss", k))
         corrupt = torch.tensor(float(self.position.corrupt), device=self.env.device)
         means = comm.all_reduce_mean(torch.stack([*(terms[k] for k in keys), corrupt])).tolist()  # one collective
         step_time = interval.step_time()
@@ -277,10 +311,14 @@ class Trainer:
             "rng": comm.all_gather_object(checkpoint.capture_rng()),
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
+            "objective": self.engine.module.extra_state(),
         }
 
     def save(self) -> None:
         tag = checkpoint.tag_for(self.step)
+        if self.teacher:  # before DeepSpeed writes `latest`, so a checkpoint it names always has its teacher
+            (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+            self.teacher.save(self.ckpt_dir / tag)
         self.engine.save(self.ckpt_dir, tag, self.client_state())
         comm.barrier()
         if self.env.is_main:

@@ -37,6 +37,19 @@ def test_shipped_recipes_resolve() -> None:
     assert vith.distributed.zero_stage == 3 and vith.optim.betas == (0.9, 0.95)
 
 
+def test_dino_recipes_resolve_with_the_papers_settings() -> None:
+    for name in ("debug/dino_vit_tiny", "pretrain/dino_vits16", "pretrain/dino_vitb16", "pretrain/dino_vitl16"):
+        cfg = load_config(name, ["data.train=/somewhere", "data.val=/somewhere"])
+        assert cfg.objective.name == "dino"
+        assert (cfg.objective.warmup_teacher_temp, cfg.objective.teacher_temp) == (0.04, 0.07)
+        assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.04, 0.4)
+        assert cfg.objective.teacher_momentum == 0.996 and cfg.objective.center_momentum == 0.9
+    vitb = load_config("pretrain/dino_vitb16", ["data.train=/x", "data.val=/y"])
+    assert (vitb.objective.out_dim, vitb.objective.local_crops, vitb.optim.peak_lr()) == (65536, 10, 2e-3)
+    vits = load_config("pretrain/dino_vits16", ["data.train=/x", "data.val=/y"])
+    assert vits.objective.local_crops == 8 and vits.objective.freeze_last_layer_steps == 1251
+
+
 @pytest.mark.parametrize(("override", "closest"), [
     ("optim.base_lrr=1e-3", "optim.base_lr"),
     ("trainer.max_step=10", "trainer.max_steps"),

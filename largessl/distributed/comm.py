@@ -24,6 +24,13 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if is_distributed() and world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
 def all_reduce_max(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     if is_distributed() and world_size() > 1:

@@ -116,6 +116,7 @@ class Engine:
         else:
             optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=betas, eps=eps)
         self.optimizer = optimizer  # its param_groups are the ones DeepSpeed steps: we set lr/wd on them
+        self.device = device
         self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
 
     @property
@@ -153,6 +154,86 @@ class Engine:
         scale = getattr(self.ds.optimizer, "cur_scale", None) or getattr(self.ds.optimizer, "loss_scale", None)
         return float(scale) if scale else 1.0
 
+    def reset_optimizer_state(self, group_index: int) -> None:
+        """Zero the AdamW state (step count and moments) of one parameter group, as if it had never stepped.
+
+        DeepSpeed steps our AdamW over its own fp32 master tensors (flat partitions at ZeRO-1/2/3), so the
+        state to reset is keyed by those, not by the module's parameters."""
+        ds_optimizer = self.ds.optimizer
+        if self.zero_stage == 3:
+            masters = [ds_optimizer.fp32_partitioned_groups_flat[sub]
+                       for sub, group in ds_optimizer.sub_group_to_group_id.items() if group == group_index]
+        else:
+            masters = list(self.optimizer.param_groups[group_index]["params"])
+        for master in masters:
+            for key, value in self.optimizer.state.get(master, {}).items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                else:  # DeepSpeedCPUAdam keeps the step as a Python number
+                    self.optimizer.state[master][key] = type(value)(0)
+
+    # ----------------------------------------------------------------- fp32 masters, for EMA teachers
+
+    @property
+    def master_layout(self) -> str:
+        """How the fp32 master weights are spread over ranks (see distributed/ema.py).
+
+        'replicated': every rank holds all of them (ZeRO-0); 'fragments': each rank holds disjoint slices of
+        the flattened parameters (ZeRO-1/2); 'partitioned': rank r holds partition r of every parameter (ZeRO-3).
+        """
+        return {0: "replicated", 3: "partitioned"}.get(self.zero_stage, "fragments")
+
+    def master_pieces(self, params: list[torch.nn.Parameter]) -> list[tuple[int, torch.Tensor] | None]:
+        """For each trainable parameter: (start within the flattened parameter, this rank's fp32 master
+        elements from there, as a flat tensor), or None where this rank holds none of it. At ZeRO-3 the
+        piece is this rank's partition, padding included."""
+        if self.zero_stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            rank = torch.distributed.get_rank()
+            return [(rank * p.ds_tensor.ds_numel, safe_get_local_fp32_param(p).view(-1)) for p in params]
+        if self.zero_stage > 0:
+            pieces = []
+            for p in params:
+                fragment = p._hp_mapping
+                pieces.append(None if fragment is None else
+                              (fragment.lp_fragment_address.start, fragment.hp_fragment.view(-1)))
+            return pieces
+        masters = self._stage0_masters()
+        return [(0, masters.get(id(p), p).detach().view(-1)) for p in params]
+
+    def _stage0_masters(self) -> dict[int, torch.Tensor]:
+        """ZeRO-0 in bf16 keeps a whole fp32 copy of each parameter beside it (DeepSpeed's unfused fp16/bf16
+        optimizer); in fp32 the parameters are their own masters."""
+        ds_optimizer = self.ds.optimizer
+        if not hasattr(ds_optimizer, "fp16_groups"):
+            return {}
+        if not hasattr(ds_optimizer, "fp32_groups"):
+            raise ConfigError("an EMA teacher at ZeRO-0 with bf16/fp16 needs DeepSpeed's unfused optimizer wrapper; "
+                              "use distributed.zero_stage=1 or 2")
+        return {id(lp): hp for lps, hps in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups, strict=True)
+                for lp, hp in zip(lps, hps, strict=True)}
+
+    def compute_partition(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The flat tensor a frozen parameter's forward reads from: the whole parameter, or at ZeRO-3 this rank's
+        partition (DeepSpeed gathers partitions for the forward)."""
+        return param.ds_tensor.view(-1) if self.zero_stage == 3 else param.data.view(-1)
+
+    def refresh_gathered(self, params: list[torch.nn.Parameter]) -> None:
+        """After writing ZeRO-3 partitions directly: release any full copies DeepSpeed still holds (small
+        'persistent' parameters, kept whole on every rank) and gather the persistent ones again, as
+        DeepSpeed does for the student after its step."""
+        if self.zero_stage != 3:
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        stale = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if stale:
+            stale[0].partition(stale)
+        persistent = [p for p in params if getattr(p, "ds_persist", False)]
+        if persistent:
+            persistent[0].all_gather(persistent)
+
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Every rank must call this (each writes its own ZeRO partition)."""
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
@@ -167,7 +248,9 @@ def read_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     """(full fp32 weights on CPU, client state) of a checkpoint tag directory, for any ZeRO stage, without a
     process group (evaluation, export)."""
     tag_dir = Path(tag_dir)
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    from largessl.checkpoint import model_states_file
+
+    states = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
     stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 0:  # weights are whole in the model file (in the training dtype)
         return {k: v.float() for k, v in states["module"].items()}, states

@@ -11,6 +11,7 @@ from largessl.checkpoint import resolve_tag_dir
 from largessl.config.load import config_from_yaml_text
 from largessl.data import build_eval_loader, open_split
 from largessl.data.transforms import EvalTransform
+from largessl.distributed.ema import read_teacher_fp32
 from largessl.errors import UserError
 from largessl.eval.knn import extract_features, knn_top1
 from largessl.objectives import OBJECTIVES
@@ -30,6 +31,8 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
 
     weights, states = read_checkpoint(tag_dir)
     objective = OBJECTIVES[cfg.objective.name](cfg.objective, cfg.model)
+    if objective.teacher_pairs():  # the teacher's exact fp32 EMA, not DeepSpeed's compute-dtype copy
+        weights.update(read_teacher_fp32(tag_dir))
     missing, unexpected = objective.load_state_dict(weights, strict=False)
     encoder = objective.eval_encoder()
     prefix = next(name for name, module in objective.named_modules() if module is encoder)

@@ -1,10 +1,12 @@
 """The ViT encoder every objective shares, assembled from timm's PatchEmbed and Block.
 
-It runs on all patches or on a subset of them (masked objectives), with fixed sin-cos position
-embeddings as MAE uses them, fused SDPA attention (timm picks F.scaled_dot_product_attention) and
-optional non-reentrant activation checkpointing per block.
+It runs on all patches or on a subset of them (masked objectives), with fused SDPA attention (timm picks
+F.scaled_dot_product_attention) and optional non-reentrant activation checkpointing per block. Position
+embeddings are fixed 2-D sin-cos as MAE uses them, or learned as in DINO; learned ones are resampled
+bicubically (timm's resample_abs_pos_embed) for inputs of another size, such as DINO's 96-px local crops.
 
-References: https://github.com/facebookresearch/mae/blob/main/models_mae.py (encoder, init)
+References: https://github.com/facebookresearch/mae/blob/main/models_mae.py (encoder, MAE init),
+https://github.com/facebookresearch/dino/blob/main/vision_transformer.py (learned positions, DINO init)
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -61,31 +63,58 @@ def init_mae_style(module: nn.Module) -> None:
             nn.init.normal_(param, std=0.02)
 
 
+@torch.no_grad()
+def init_dino_style(module: nn.Module) -> None:
+    """DINO init of one module's own parameters: trunc-normal(0.02) Linear weights, zero biases, LayerNorm
+    (1, 0), trunc-normal(0.02) `*_token` and learned `pos_embed`; the patch projection (a Conv2d) keeps
+    PyTorch's default init, as in the official code."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    for name, param in module.named_parameters(recurse=False):
+        if name.endswith("_token") or name == "pos_embed":
+            trunc_normal_(param, std=0.02)
+
+
+INITS = {"mae": init_mae_style, "dino": init_dino_style}
+
+
 class ViTEncoder(nn.Module):
-    """Patch embedding + [cls] + fixed 2-D sin-cos positions + pre-norm blocks + final LayerNorm.
+    """Patch embedding + [cls] + position embeddings + pre-norm blocks + final LayerNorm.
 
     Shapes: images [B, 3, H, W]; patch tokens [B, N, D] with N = (H/p)^2; keep_idx [B, K] patch indices.
+    `pos_embed` is "sincos" (fixed, MAE) or "learned" (DINO); `init` is "mae" or "dino".
     """
 
     def __init__(self, *, image_size: int, patch_size: int, dim: int, depth: int, heads: int,
-                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False) -> None:
+                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, pos_embed: str = "sincos",
+                 init: str = "mae") -> None:
         super().__init__()
         self.dim, self.patch_size = dim, patch_size
-        self.patch_embed = PatchEmbed(image_size, patch_size, 3, dim)
+        # Not strict about the input size: learned positions are resampled for other sizes (local crops).
+        self.patch_embed = PatchEmbed(image_size, patch_size, 3, dim, strict_img_size=False)
         self.grid_size = image_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        # Fixed table, rebuilt from the grid on load, so it is not part of the state dict.
-        self.register_buffer("pos_embed", sincos_2d(dim, self.grid_size)[None], persistent=False)
+        self.learned_pos_embed = pos_embed == "learned"
+        if self.learned_pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, dim))
+        else:  # a fixed table, rebuilt from the grid on load, so it is not part of the state dict
+            self.register_buffer("pos_embed", sincos_2d(dim, self.grid_size)[None], persistent=False)
         self.blocks = build_blocks(dim, depth, heads, drop_path_rate)
         self.norm = LayerNorm(dim)
         self.grad_checkpointing = grad_checkpointing
-        self.apply(init_mae_style)
+        self.apply(INITS[init])
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> ViTEncoder:
+    def from_config(cls, cfg: ModelConfig, **overrides) -> ViTEncoder:
         dim, depth, heads = cfg.dims
-        return cls(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=dim, depth=depth, heads=heads,
-                   drop_path_rate=cfg.drop_path_rate, grad_checkpointing=cfg.grad_checkpointing)
+        kwargs = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, dim=dim, depth=depth, heads=heads,
+                      drop_path_rate=cfg.drop_path_rate, grad_checkpointing=cfg.grad_checkpointing)
+        return cls(**{**kwargs, **overrides})
 
     @property
     def num_patches(self) -> int:
@@ -97,20 +126,34 @@ class ViTEncoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
 
-    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, N, D] patch tokens with their position embeddings."""
-        return self.patch_embed(images) + self.pos_embed[:, 1:].to(images.dtype)
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """[1, 1 + gh*gw, D] position embeddings ([cls] first) for a patch grid, resampled when it is not ours."""
+        if grid == (self.grid_size, self.grid_size):
+            return self.pos_embed
+        if not self.learned_pos_embed:
+            raise ValueError(f"fixed sin-cos positions are built for a {self.grid_size}x{self.grid_size} grid, "
+                             f"not {grid[0]}x{grid[1]}")
+        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=[self.grid_size] * 2,
+                                      num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+
+    def embed_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, H, W] -> ([B, N, D] patch tokens with their position embeddings, [1, 1, D] [cls] position)."""
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        positions = self.positions(grid)
+        return self.patch_embed(images) + positions[:, 1:].to(images.dtype), positions[:, :1]
 
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Encode all patches, or only patches `keep_idx` [B, K]; returns [B, 1 + K, D] after the final norm."""
-        x = self.embed_patches(images)
+        x, cls_position = self.embed_patches(images)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1].to(self.cls_token.dtype)).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + cls_position.to(self.cls_token.dtype)).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
 
     def forward_cls(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, D]: the [cls] output after the final norm (the feature k-NN and linear probes read)."""
-        return self.forward(images)[:, 0]
+        """[B, D]: the [cls] output after the final norm (the feature k-NN and linear probes read).
+
+        Goes through __call__ so that ZeRO-3 gathers this module's own parameters (cls_token, pos_embed)."""
+        return self(images)[:, 0]

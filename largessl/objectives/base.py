@@ -7,8 +7,14 @@ It is single-device PyTorch: the trainer wraps it in the DeepSpeed engine, the d
 - `sample_transform(cfg, model_cfg)`: what the data pipeline makes of one decoded image, run in the
   DataLoader workers under a per-sample seed: a dict of tensors (views, crop boxes, mask noise or mask
   indices). The default collate stacks them into the batch.
-- `forward(batch) -> dict`: a "loss" tensor plus detached terms for logging.
-- `after_optimizer_step(step)`: once per optimizer step, after it (EMA teachers, DINO centering).
+- `forward(batch) -> dict`: a "loss" tensor plus detached scalars, all logged.
+- `begin_step(step, total_steps)`: before each optimizer step's micro-batches (schedules read in forward).
+- `after_optimizer_step(step)`: once per optimizer step, after it (DINO centering).
+- `teacher_pairs()` / `teacher_momentum()`: parameters an EMA teacher follows and the momentum of the update
+  after the current step; the trainer runs the update (distributed/ema.py, exact fp32 under any ZeRO stage).
+- `frozen_at_start()`: parameter-name prefixes that get lr 0 and weight decay 0 for their first steps.
+- `extra_state()` / `load_extra_state()`: small replicated state kept outside the module (DINO's center),
+  saved in checkpoints.
 - `eval_encoder()`: the backbone the k-NN evaluation reads (DINO: the teacher).
 - `no_weight_decay()`: names of parameters exempt from weight decay beyond norms and biases.
 """
@@ -39,8 +45,30 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Called before the micro-batches of each optimizer step; `step` counts the updates done so far."""
+
     def after_optimizer_step(self, step: int) -> None:
         """Called once per optimizer step, after the update; `step` counts the updates done so far."""
+
+    def teacher_pairs(self) -> list[tuple[str, str]]:
+        """(teacher parameter name, student parameter name) for every parameter an EMA teacher follows."""
+        return []
+
+    def teacher_momentum(self) -> float:
+        """m of the EMA update t <- m t + (1 - m) s made after the current optimizer step."""
+        raise NotImplementedError
+
+    def frozen_at_start(self) -> dict[str, int]:
+        """Parameter-name prefix -> optimizer steps during which those parameters do not move; their optimizer
+        state is reset when the freeze ends, so the first real update is a fresh AdamW step."""
+        return {}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what extra_state() returned (on CPU)."""
 
     def eval_encoder(self) -> ViTEncoder:
         return self.encoder

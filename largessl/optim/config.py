@@ -16,7 +16,9 @@ class OptimConfig:
     global_batch_size: int = 4096
     """Images per optimizer step over all ranks = micro_batch_size x accumulation steps x world size."""
     weight_decay: float = 0.05
-    """AdamW weight decay (not applied to norms, biases, position embeddings, cls and mask tokens)."""
+    """AdamW weight decay (not applied to norms, biases, and the objective's exempt parameters)."""
+    weight_decay_end: float | None = None
+    """If set, weight decay follows a cosine from weight_decay at step 0 to this at max_steps (DINO: 0.04 -> 0.4)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (MAE uses 0.95 for beta2)."""
     eps: float = 1e-8
@@ -33,6 +35,8 @@ class OptimConfig:
         require(0 <= self.min_lr, f"{prefix}.min_lr", "must be >= 0")
         require(self.global_batch_size > 0, f"{prefix}.global_batch_size", "must be > 0")
         require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        require(self.weight_decay_end is None or self.weight_decay_end >= 0, f"{prefix}.weight_decay_end",
+                "must be >= 0 (or null for a constant weight decay)")
         require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "each beta must be in [0, 1)")
         require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
         require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")

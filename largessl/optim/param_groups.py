@@ -27,13 +27,19 @@ def is_decayed(name: str, param: torch.Tensor, exempt: set[str], wd_on_tokens: b
 
 
 def build_param_groups(module: Objective, cfg: OptimConfig) -> list[dict]:
+    """Decayed and exempt parameters, each split again by the objective's frozen-at-start prefixes (a group
+    per prefix, so its lr, weight decay and optimizer state can be handled on their own)."""
     exempt = module.no_weight_decay()
-    decay, no_decay = [], []
+    frozen = {prefix: steps for prefix, steps in module.frozen_at_start().items() if steps > 0}
+    groups: dict[tuple[bool, str], dict] = {}
     for name, param in module.named_parameters():
-        if param.requires_grad:
-            (decay if is_decayed(name, param, exempt, cfg.wd_on_tokens) else no_decay).append(param)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0, "scheduled_wd": True},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "scheduled_wd": False},
-    ]
-    return [g for g in groups if g["params"]]  # DeepSpeed mishandles empty groups
+        if not param.requires_grad:
+            continue
+        decayed = is_decayed(name, param, exempt, cfg.wd_on_tokens)
+        prefix = next((p for p in frozen if name.startswith(p)), "")
+        group = groups.setdefault((decayed, prefix), {
+            "name": ("decay" if decayed else "no_decay") + (f":{prefix}" if prefix else ""),
+            "params": [], "weight_decay": cfg.weight_decay if decayed else 0.0, "lr_scale": 1.0,
+            "scheduled_wd": decayed, "frozen_steps": frozen.get(prefix, 0)})
+        group["params"].append(param)
+    return sorted(groups.values(), key=lambda g: (g["name"] != "decay", g["name"]))  # group 0: decay, as DINO
