@@ -16,19 +16,15 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if is_distributed() and world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= world_size()
-    return values
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(values) / world_size()
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:
