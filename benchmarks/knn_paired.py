@@ -1,0 +1,64 @@
+"""Paired k-NN comparison of two runs' evaluation encoders on the same queries, with an exact McNemar test.
+
+Two accuracies on the same 3,925 queries are not independent samples, so their standard errors overstate the
+uncertainty of the difference; counting the queries only one model gets right gives a paired test.
+
+    python benchmarks/knn_paired.py RUN_A RUN_B DATA_DIR [--k 20] [--temperature 0.07]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from largessl.data import build_eval_loader
+from largessl.data.index import open_split
+from largessl.data.transforms import EvalTransform
+from largessl.eval.knn import extract_features, knn_predict
+from largessl.eval.standalone import load_encoder
+
+
+def correct_queries(run_dir: Path, data: str, k: int, temperature: float) -> tuple[torch.Tensor, str]:
+    """[Q] bool: which val queries the run's latest checkpoint classifies correctly; and that checkpoint."""
+    encoder, cfg, _, tag_dir = load_encoder(run_dir)
+    encoder.eval()
+    transform = EvalTransform(cfg.model.image_size)
+    features = []
+    for split in ("train", "val"):
+        loader = build_eval_loader(open_split(data, split), transform, batch_size=128, rank=0, world_size=1,
+                                   num_workers=1, image_size=cfg.model.image_size)
+        features.append(extract_features(encoder.forward_cls, loader, device=torch.device("cpu"),
+                                         dtype=torch.float32))
+    (train_features, train_labels), (val_features, val_labels) = features
+    predicted = knn_predict(train_features, train_labels, val_features, num_classes=int(train_labels.max()) + 1,
+                            k=k, temperature=temperature)
+    return predicted == val_labels, str(tag_dir)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact p-value that the discordant queries split evenly between the two models."""
+    n = only_a + only_b
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("data", help="dataset directory with train and val splits")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    args = parser.parse_args()
+    a, tag_a = correct_queries(args.run_a, args.data, args.k, args.temperature)
+    b, tag_b = correct_queries(args.run_b, args.data, args.k, args.temperature)
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    print(f"A {tag_a}: {a.float().mean():.4f}\nB {tag_b}: {b.float().mean():.4f}\n"
+          f"right only in A: {only_a}, only in B: {only_b}, exact McNemar two-sided p = "
+          f"{mcnemar_exact(only_a, only_b):.1e}")
+
+
+if __name__ == "__main__":
+    main()
