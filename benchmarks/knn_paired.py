@@ -14,28 +14,15 @@ from pathlib import Path
 
 import torch
 
-from largessl.data import build_eval_loader
-from largessl.data.index import open_split
-from largessl.data.transforms import EvalTransform
-from largessl.eval.knn import extract_features, knn_predict
-from largessl.eval.standalone import load_encoder
+from largessl.eval.knn import knn_correct
+from largessl.eval.standalone import checkpoint_features
 
 
 def correct_queries(run_dir: Path, data: str, k: int, temperature: float) -> tuple[torch.Tensor, str]:
     """[Q] bool: which val queries the run's latest checkpoint classifies correctly; and that checkpoint."""
-    encoder, cfg, _, tag_dir = load_encoder(run_dir)
-    encoder.eval()
-    transform = EvalTransform(cfg.model.image_size)
-    features = []
-    for split in ("train", "val"):
-        loader = build_eval_loader(open_split(data, split), transform, batch_size=128, rank=0, world_size=1,
-                                   num_workers=1, image_size=cfg.model.image_size)
-        features.append(extract_features(encoder.forward_cls, loader, device=torch.device("cpu"),
-                                         dtype=torch.float32))
-    (train_features, train_labels), (val_features, val_labels) = features
-    predicted = knn_predict(train_features, train_labels, val_features, num_classes=int(train_labels.max()) + 1,
-                            k=k, temperature=temperature)
-    return predicted == val_labels, str(tag_dir)
+    (train, val), _, _, tag_dir = checkpoint_features(run_dir, data, data, train_split="train", val_split="val",
+                                                      batch_size=128, num_workers=1)
+    return knn_correct(train, val, k=k, temperature=temperature), str(tag_dir)
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

@@ -16,6 +16,10 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         values = values.clone()

@@ -109,17 +109,16 @@ class EMATeacher:
     def save(self, tag_dir: Path) -> None:
         """Replicated teachers: rank 0 writes the whole fp32 teacher. Partitioned: every rank writes its part."""
         if self.layout == "partitioned":
-            rank = dist.get_rank()
             torch.save({"world_size": comm.world_size(), "shapes": dict(zip(self.names, self.shapes, strict=True)),
                         "partitions": {n: v.cpu() for n, v in zip(self.names, self.views, strict=True)}},
-                       tag_dir / partition_file(rank))
-        elif not comm.is_distributed() or dist.get_rank() == 0:
+                       tag_dir / partition_file(comm.rank()))
+        elif comm.rank() == 0:
             full = {n: v.view(shape).cpu() for n, v, shape in zip(self.names, self.views, self.shapes, strict=True)}
             torch.save(full, tag_dir / FULL_FILE)
 
     @torch.no_grad()
     def load(self, tag_dir: Path) -> None:
-        own = tag_dir / partition_file(dist.get_rank() if comm.is_distributed() else 0)
+        own = tag_dir / partition_file(comm.rank())
         saved = torch.load(own, map_location="cpu") if self.layout == "partitioned" and own.is_file() else None
         if saved is not None and saved["world_size"] == comm.world_size():
             values = [saved["partitions"][n] for n in self.names]
@@ -136,7 +135,7 @@ class EMATeacher:
     def _local_part(self, full: torch.Tensor, size: int) -> torch.Tensor:
         if self.layout != "partitioned":
             return full
-        start = (dist.get_rank() if comm.is_distributed() else 0) * size
+        start = comm.rank() * size
         part = full[start:start + size]
         return torch.cat([part, part.new_zeros(size - part.numel())])  # the last partition is padded
 

@@ -44,12 +44,18 @@ def extract_features(forward_cls: Callable[[torch.Tensor], torch.Tensor], loader
     return all_gather_cat(torch.cat(features))[keep].cpu(), all_gather_cat(torch.cat(labels))[keep].cpu()
 
 
-def knn_top1(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
-             k: int, temperature: float) -> float:
+def knn_correct(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
+                k: int, temperature: float) -> torch.Tensor:
+    """[Q] bool: which val queries the k-NN classifier over the train features gets right."""
     (train_features, train_labels), (val_features, val_labels) = train, val
     if (train_labels < 0).any() or (val_labels < 0).any():
         raise DataError("k-NN evaluation needs labelled samples (.cls in the shards); some have none")
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     predicted = knn_predict(train_features, train_labels, val_features, num_classes=num_classes, k=k,
                             temperature=temperature)
-    return float((predicted == val_labels).float().mean())
+    return predicted == val_labels
+
+
+def knn_top1(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
+             k: int, temperature: float) -> float:
+    return float(knn_correct(train, val, k=k, temperature=temperature).float().mean())

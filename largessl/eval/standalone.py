@@ -42,8 +42,10 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
     return encoder, cfg, states, tag_dir
 
 
-def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str, k: int,
-            temperature: float, batch_size: int, num_workers: int) -> dict:
+def checkpoint_features(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str,
+                        batch_size: int, num_workers: int) -> tuple[list, object, dict, Path]:
+    """([train (features, labels), val (features, labels)], run config, client state, tag directory) from
+    the eval encoder of a run's latest checkpoint."""
     encoder, cfg, states, tag_dir = load_encoder(checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder.to(device).eval()
@@ -55,6 +57,14 @@ def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_spl
                                    num_workers=num_workers, image_size=cfg.model.image_size)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             features.append(extract_features(encoder.forward_cls, loader, device=device, dtype=torch.float32))
+    return features, cfg, states, tag_dir
+
+
+def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str, k: int,
+            temperature: float, batch_size: int, num_workers: int) -> dict:
+    features, cfg, states, tag_dir = checkpoint_features(checkpoint, train, val, train_split=train_split,
+                                                         val_split=val_split, batch_size=batch_size,
+                                                         num_workers=num_workers)
     top1 = knn_top1(features[0], features[1], k=k, temperature=temperature)
     step = int(states.get("step", 0))
     result = {"knn_top1": top1, "step": step, "checkpoint": str(tag_dir), "train": train, "val": val,
