@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from data_tools.errors import ToolError
+from data_tools.limits import DEFAULT_MAX_GUNZIP_BYTES, DEFAULT_MAX_PIXELS, GUNZIP_MAX_RATIO
 
 
 def positive(text: str) -> int:
@@ -47,6 +48,16 @@ def add_convert_options(parser: argparse.ArgumentParser) -> None:
                         help=f"worker processes (default: all cores, {default_workers()} here)")
     parser.add_argument("--max-reject-fraction", type=float, default=0.01,
                         help="exit non-zero when more than this fraction of inputs is rejected (default 0.01)")
+    parser.add_argument("--expect-classes", type=positive, metavar="N",
+                        help="stop before writing anything unless there are exactly N classes (ImageNet-22K "
+                             "winter21: 19167, fall11: 21841; ImageNet-1K: 1000)")
+    parser.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS,
+                        help=f"reject an image with more pixels than this (default {DEFAULT_MAX_PIXELS:,}), read "
+                             "from its header before decoding; for a JPEG shrunk by --max-size, the pixels of its "
+                             "reduced draft-mode decode")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="follow symlinks that resolve inside SRC, each folder once (default: follow none; "
+                             "every symlink is recorded in rejected.jsonl)")
 
 
 def read_classes(path: Path) -> tuple[str, ...]:
@@ -54,6 +65,8 @@ def read_classes(path: Path) -> tuple[str, ...]:
         names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     except OSError as exc:
         raise ToolError(f"cannot read --classes {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ToolError(f"--classes {path} is not a text file (one wnid per line)") from None
     if len(set(names)) != len(names):
         raise ToolError(f"--classes {path} lists a class twice")
     if not names:
@@ -79,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the sorted wnids found)")
     in22k.add_argument("--val-per-class", type=int, default=0,
                        help="hold out N images per class as split 'val' (seeded; at most half a class)")
+    in22k.add_argument("--max-gunzip-bytes", type=size_in_bytes, default=DEFAULT_MAX_GUNZIP_BYTES,
+                       help=f"reject a gzip-compressed synset tar that decompresses to more than this (default "
+                            f"{DEFAULT_MAX_GUNZIP_BYTES >> 30}GiB) or to more than {GUNZIP_MAX_RATIO}x its "
+                            f"compressed size")
     add_convert_options(in22k)
 
     verify = commands.add_parser("verify", help="check every shard against dataset.json")
@@ -114,9 +131,11 @@ def convert_command(args: argparse.Namespace) -> int:
         raise ToolError("--val-per-class must be 0 or more")
     options = Options(max_size=args.max_size, quality=args.quality, seed=args.seed,
                       samples_per_shard=args.samples_per_shard,
-                      shard_bytes=args.shard_bytes, val_per_class=getattr(args, "val_per_class", 0), classes=classes)
+                      shard_bytes=args.shard_bytes, val_per_class=getattr(args, "val_per_class", 0), classes=classes,
+                      follow_symlinks=args.follow_symlinks, max_pixels=args.max_pixels,
+                      max_gunzip_bytes=getattr(args, "max_gunzip_bytes", DEFAULT_MAX_GUNZIP_BYTES))
     return run(Conversion(args.command, args.src, args.out, getattr(args, "split", "train"), options, args.workers,
-                          args.max_reject_fraction))
+                          args.max_reject_fraction, args.expect_classes))
 
 
 def main(argv: list[str] | None = None) -> int:

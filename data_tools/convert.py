@@ -26,6 +26,7 @@ import torch
 
 from data_tools.errors import ToolError
 from data_tools.images import Rejected, prepare
+from data_tools.limits import DEFAULT_MAX_GUNZIP_BYTES, DEFAULT_MAX_PIXELS
 from data_tools.parallel import process_context
 from data_tools.plan import (
     ShardPlan,
@@ -41,6 +42,7 @@ from data_tools.shards import ShardFile, read_index, utc_now, write_index
 from data_tools.sources import Scan, read_member, scan_class_folders, scan_imagenet22k
 
 WORK_DIR = ".convert"
+IGNORED_IN_OUT = {"lost+found"}  # what a fresh file system's root holds: still an empty OUT
 NOT_COUNTED = {"class not in --classes"}  # exclusions the user asked for are recorded but are not rejects
 
 
@@ -55,6 +57,9 @@ class Options:
     shard_bytes: int = 1 << 30
     val_per_class: int = 0
     classes: tuple[str, ...] | None = None
+    follow_symlinks: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_gunzip_bytes: int = DEFAULT_MAX_GUNZIP_BYTES
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Conversion:
     options: Options
     workers: int
     max_reject_fraction: float = 0.01
+    expect_classes: int | None = None  # stop before writing anything unless the class list has this length
 
     @property
     def splits(self) -> list[str]:
@@ -85,7 +91,7 @@ class Conversion:
 def run(conv: Conversion) -> int:
     """Convert (or finish converting); exit code 1 when rejects exceed the allowed fraction, else 0."""
     start = time.monotonic()
-    conv.out.mkdir(parents=True, exist_ok=True)
+    make_out(conv.out)
     state = load_state(conv)
     if state is None and already_complete(conv):
         return 0
@@ -93,12 +99,13 @@ def run(conv: Conversion) -> int:
     with worker_pool(conv.workers) as (pool, counter):
         try:
             scan = load_or_scan(conv, pool)
+            classes, excluded = class_list(scan, list(conv.options.classes) if conv.options.classes else None)
+            check_classes(conv, scan, classes)
         except ToolError:
             if state is None:  # nothing of this conversion exists yet: leave OUT as it was
                 shutil.rmtree(conv.work)
                 remove_if_empty(conv.out / WORK_DIR)
             raise
-        classes, excluded = class_list(scan, list(conv.options.classes) if conv.options.classes else None)
         if state is None:
             state = new_state(conv, scan, classes)
         plans = plan_shards(conv, scan, classes, state["per_shard"])
@@ -111,6 +118,34 @@ def run(conv: Conversion) -> int:
     print(f"{images:,} images in {duration(time.monotonic() - start)}; writing shards: {images / writing:,.0f} "
           f"images/s with {workers} busy worker(s), {images / writing / workers:,.0f} per worker")
     return code
+
+
+def make_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ToolError(f"OUT '{out}' exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ToolError(f"cannot create OUT '{out}': {exc.strerror or exc}") from None
+
+
+def check_classes(conv: Conversion, scan: Scan, classes: list[str]) -> None:
+    """--expect-classes guards the label space (a truncated source, a wrong SRC); --classes entries without any
+    image are worth a note, since they silently become empty classes."""
+    where = "listed in --classes" if conv.options.classes else f"found in {conv.src}"
+    if conv.expect_classes is not None and len(classes) != conv.expect_classes:
+        raise ToolError(f"{len(classes):,} classes {where}, but --expect-classes {conv.expect_classes}; nothing "
+                        f"was written")
+    existing = read_index(conv.out).get("classes")
+    if existing and existing != classes:  # write_index would refuse too, but only after every shard was written
+        raise ToolError(f"{conv.out}/dataset.json lists other classes ({len(existing):,}) than the {len(classes):,} "
+                        f"{where}; every label would mean another class; write to a new directory")
+    if conv.options.classes:
+        found = {g.wnid for g in scan.groups}
+        missing = [c for c in classes if c not in found]
+        if missing:
+            print(f"note: {len(missing):,} class(es) of --classes have no image in {conv.src} (e.g. {missing[0]}); "
+                  f"they stay classes, with no samples", file=sys.stderr)
 
 
 # --- state ---------------------------------------------------------------------------------------------------
@@ -145,13 +180,20 @@ def already_complete(conv: Conversion) -> bool:
 
 
 def refuse_foreign_shards(conv: Conversion) -> None:
+    """A conversion without a plan of its own writes only into an empty OUT or one this tool wrote (it holds our
+    dataset.json, or our work directory), and never over shard files that its index does not list."""
+    index = read_index(conv.out)  # a foreign or broken dataset.json stops here, in one line
+    listed = {s["file"] for entry in index.get("splits", {}).values() for s in entry["shards"]}
     pattern = re.compile(rf"({'|'.join(map(re.escape, conv.splits))})-\d{{6}}\.tar$")
-    if (conv.out / "dataset.json").is_file() or not conv.out.is_dir():
-        return  # shards of a finished split are handled by already_complete
-    foreign = sorted(p.name for p in conv.out.iterdir() if pattern.match(p.name))
+    names = sorted(p.name for p in conv.out.iterdir())
+    foreign = [name for name in names if pattern.match(name) and name not in listed]
     if foreign:
         raise ToolError(f"{conv.out} already holds {foreign[0]} (and {len(foreign) - 1} more) not written by this "
                         f"conversion; write to a new directory or remove them")
+    others = [name for name in names if name not in IGNORED_IN_OUT]
+    if not index and WORK_DIR not in names and others:
+        raise ToolError(f"OUT '{conv.out}' is not empty ({others[0]} and {len(others) - 1} more) and holds no dataset "
+                        f"written by data_tools (no dataset.json, no {WORK_DIR}/); write to a new or empty directory")
 
 
 def new_state(conv: Conversion, scan: Scan, classes: list[str]) -> dict:
@@ -176,7 +218,8 @@ def mean_output_bytes(conv: Conversion, scan: Scan, probe: int = 64) -> float:
             break
         try:
             data = read_member(group.kind, group.path, name, offset, size, handles)
-            sizes.append(len(prepare(data, max_size=conv.options.max_size, quality=conv.options.quality).jpeg))
+            sizes.append(len(prepare(data, max_size=conv.options.max_size, quality=conv.options.quality,
+                                     max_pixels=conv.options.max_pixels).jpeg))
         except (Rejected, OSError):
             continue
     close_handles(handles)
@@ -188,7 +231,7 @@ def load_or_scan(conv: Conversion, pool) -> Scan:
     if path.is_file():
         return Scan.load(path)
     if conv.command == "imagefolder":
-        scan = scan_class_folders(conv.src)
+        scan = scan_class_folders(conv.src, conv.options.follow_symlinks)
     else:
         progress = Progress("scanning synset tars", 0)
 
@@ -196,7 +239,9 @@ def load_or_scan(conv: Conversion, pool) -> Scan:
             progress.total = total
             progress.update(done)
 
-        scan = scan_imagenet22k(conv.src, conv.work / "gunzipped", pool, report)
+        scan = scan_imagenet22k(conv.src, conv.work / "gunzipped", pool, report,
+                                follow_symlinks=conv.options.follow_symlinks,
+                                max_gunzip_bytes=conv.options.max_gunzip_bytes)
         progress.close()
     scan.save(path)
     return scan
@@ -227,8 +272,10 @@ def finished_shards(conv: Conversion, plans: list[ShardPlan]) -> dict[str, dict]
 
 
 def remove_stale_temporaries(conv: Conversion) -> None:
-    for split in conv.splits:
-        for tmp in conv.out.glob(f"{split}-*.tar.tmp*"):
+    """Shards a killed worker left half-written: exactly the names ShardFile gives them, nothing else."""
+    pattern = re.compile(rf"({'|'.join(map(re.escape, conv.splits))})-\d{{6}}\.tar\.tmp\d+$")
+    for tmp in conv.out.iterdir():
+        if pattern.match(tmp.name) and tmp.is_file():
             tmp.unlink(missing_ok=True)
 
 
@@ -282,18 +329,19 @@ def shard_task(conv: Conversion, scan: Scan, plan: ShardPlan) -> tuple:
     groups = scan.groups
     items = [(i.key, i.label, groups[i.group].kind, groups[i.group].path, groups[i.group].wnid,
               groups[i.group].source, i.name, i.offset, i.size) for i in plan.items]
-    return str(conv.out / plan.file), plan.split, items, conv.options.max_size, conv.options.quality
+    options = conv.options
+    return str(conv.out / plan.file), plan.split, items, options.max_size, options.quality, options.max_pixels
 
 
 def write_shard(task: tuple) -> dict:
     """Worker: read, check or convert and store each planned sample of one shard; rejects are recorded."""
-    path, split, items, max_size, quality = task
+    path, split, items, max_size, quality, max_pixels = task
     shard, rejects, handles, copied, unreported = ShardFile(Path(path)), [], {}, 0, 0
     for key, label, kind, group_path, wnid, group_source, name, offset, size in items:
         source = f"{group_source}/{name}"
         try:
             prepared = prepare(read_member(kind, group_path, name, offset, size, handles), max_size=max_size,
-                               quality=quality)
+                               quality=quality, max_pixels=max_pixels)
         except Rejected as exc:
             rejects.append({"split": split, "source": source, "reason": exc.reason, "detail": exc.detail})
         except OSError as exc:
@@ -377,16 +425,25 @@ def finish(conv: Conversion, scan: Scan, classes: list[str], excluded: list[dict
 
 
 def write_rejects(conv: Conversion, rejects: list[dict]) -> None:
-    """This conversion's rejects replace those an earlier run of the same splits wrote; other splits' stay."""
+    """This conversion's rejects replace those an earlier run of the same splits wrote; other splits' stay, and so
+    does any line that is not one of our records (someone's note): it is never ours to drop."""
     path = conv.out / "rejected.jsonl"
-    mine = set(conv.splits)
     kept = []
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and not set(json.loads(line).get("split", "").split("+")) & mine]
+        kept = [line for line in path.read_text(errors="replace").splitlines()
+                if line.strip() and not set(conv.splits) & set(_splits_of(line))]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept + [json.dumps(r, sort_keys=True) for r in rejects]))
     os.replace(tmp, path)
+
+
+def _splits_of(line: str) -> list[str]:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return []
+    split = record.get("split") if isinstance(record, dict) else None
+    return split.split("+") if isinstance(split, str) else []
 
 
 def summarize(conv: Conversion, plans: list[ShardPlan], done: dict, rejects: list[dict], classes: list[str]) -> int:

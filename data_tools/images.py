@@ -3,7 +3,8 @@
 A JPEG that is already RGB, upright and within `max_size` is copied byte for byte after a decode at 1/8 scale
 (which reads every entropy-coded block, so it catches truncated and corrupt files). Everything else that decodes is
 converted: EXIF orientation applied, alpha composited onto white, shrunk so the short side is `max_size` (never
-enlarged), and encoded at `quality`.
+enlarged), and encoded at `quality`. An image with more pixels than `max_pixels` (counted from the header, after
+draft mode's reduction for JPEGs that are shrunk) is rejected before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_tools.limits import DEFAULT_MAX_PIXELS
 
 EXIF_ORIENTATION = 0x0112
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -35,29 +38,49 @@ class Prepared:
     copied: bool  # the input bytes themselves, not a re-encode
 
 
-def prepare(data: bytes, *, max_size: int | None, quality: int) -> Prepared:
+def prepare(data: bytes, *, max_size: int | None, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
     if not data:
         raise Rejected("empty file")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_header(data)
     except UnidentifiedImageError:
         raise Rejected("not an image") from None
     except Exception as exc:  # Pillow raises many types on hostile headers; one file must never stop a run
         raise Rejected("corrupt image", str(exc)) from None
     with image:
         try:
-            return _prepare_open(image, data, max_size, quality)
-        except Image.DecompressionBombError as exc:
+            return _prepare_open(image, data, max_size, quality, max_pixels)
+        except Rejected:
+            raise
+        except Image.DecompressionBombError as exc:  # Pillow's own check of GIF frames and the like, while loading
             raise Rejected("too many pixels", str(exc)) from None
         except Exception as exc:
             raise Rejected("corrupt image", f"{type(exc).__name__}: {exc}") from None
 
 
-def _prepare_open(image: Image.Image, data: bytes, max_size: int | None, quality: int) -> Prepared:
+def open_header(data: bytes) -> Image.Image:
+    """Image.open (the header only) without Pillow's pixel limit, which would refuse a huge JPEG before draft
+    mode could decode it small; `check_pixels` applies --max-pixels to what is actually decoded instead."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def check_pixels(image: Image.Image, max_pixels: int, what: str) -> None:
+    """Rejected before any pixel is decoded when `image.size` (after draft) exceeds the cap."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise Rejected("too many pixels", f"{width} x {height} {what}, over --max-pixels {max_pixels:,}")
+
+
+def _prepare_open(image: Image.Image, data: bytes, max_size: int | None, quality: int, max_pixels: int) -> Prepared:
     width, height = image.size
     shrink = max_size is not None and min(width, height) > max_size
     upright = image.getexif().get(EXIF_ORIENTATION, 1) == 1
     if image.format == "JPEG" and image.mode == "RGB" and upright and not shrink:
+        check_pixels(image, max_pixels, "stored at full size")  # a reader decodes it whole
         # A 1/8-scale decode still entropy-decodes every block, so it fails on truncated or corrupt data like a
         # full decode does, at about half the cost (the inverse DCT and colour conversion shrink 64-fold).
         image.draft("RGB", (math.ceil(width / 8), math.ceil(height / 8)))
@@ -67,6 +90,7 @@ def _prepare_open(image: Image.Image, data: bytes, max_size: int | None, quality
         # DCT-domain downscale while decoding: a 4000 px JPEG decodes at 1/8 cost when only 256 px are kept
         scale = max_size / min(width, height)
         image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+    check_pixels(image, max_pixels, "to decode" if shrink else "stored at full size")
     image.load()
     rgb = to_rgb(ImageOps.exif_transpose(image))
     if shrink:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageOps
 from data_tools.errors import ToolError
 from data_tools.parallel import process_context
 from data_tools.progress import human_bytes
-from data_tools.shards import read_index
+from data_tools.shards import read_index, shard_path
 
 THUMB = 160
 CAPTION = 14
@@ -22,42 +22,64 @@ FULL_HISTOGRAM_UP_TO = 50  # classes; beyond that the extremes and quantiles are
 
 
 def inspect(out: Path, *, split: str | None, sheet: Path | None, samples: int, seed: int, workers: int) -> int:
-    index = read_index(out)
+    index = read_index(out)  # its structure is checked there
     if not index:
         raise ToolError(f"{out} has no dataset.json")
+    if not index["splits"]:
+        raise ToolError(f"{out}/dataset.json lists no splits")
     splits = sorted(index["splits"]) if split is None else [split]
     if split is not None and split not in index["splits"]:
         raise ToolError(f"{out} has no split {split!r} (it has: {', '.join(sorted(index['splits']))})")
     classes = index["classes"]
+    shards = [(split, s) for split in splits for s in index["splits"][split]["shards"]]
+    paths = [checked_path(out, split, n, s["file"]) for split in splits
+             for n, s in enumerate(index["splits"][split]["shards"])]
     print(f"{out}: {index.get('name')} ({index['format']}), {len(classes):,} classes, created {index.get('created')}")
     print(f"preprocess: {index.get('preprocess')}")
-    shards = [(split, s) for split in splits for s in index["splits"][split]["shards"]]
-    missing = [s["file"] for _, s in shards if not (out / s["file"]).is_file()]
-    if missing:
-        raise ToolError(f"shard {missing[0]} listed in dataset.json is missing (run verify)")
     with process_context().Pool(workers) as pool:
-        counts = pool.map(label_counts, [str(out / s["file"]) for _, s in shards])
+        results = pool.map(label_counts, [str(path) for path in paths])
+    for (_, shard), (_, error) in zip(shards, results, strict=True):
+        if error:
+            raise ToolError(f"shard {shard['file']} listed in dataset.json is not a readable tar ({error}); "
+                            f"run verify")
     for split in splits:
         entries = [s for sp, s in shards if sp == split]
-        histogram = sum((c for (sp, _), c in zip(shards, counts, strict=True) if sp == split), Counter())
+        histogram = sum((c for (sp, _), (c, _) in zip(shards, results, strict=True) if sp == split), Counter())
         print(f"\n[{split}] {index['splits'][split]['num_samples']:,} samples in {len(entries):,} shards")
         print_shard_stats(entries)
         print_histogram(histogram, classes)
     path = sheet or out / "contact_sheet.png"
-    contact_sheet(out, [s for _, s in shards], classes, samples, seed).save(path)
+    contact_sheet(paths, classes, samples, seed).save(path)
     print(f"\ncontact sheet: {path}")
     return 0
 
 
-def label_counts(path: str) -> Counter:
-    """Labels of one shard, reading only the tiny .cls members (image bytes are skipped by seeking)."""
+def checked_path(out: Path, split: str, n: int, file: str) -> Path:
+    """The shard's path; one line when the entry leads out of the dataset or names no regular file."""
+    try:
+        path = shard_path(out, file)
+    except ValueError as exc:
+        raise ToolError(f"{out}/dataset.json split {split} shards[{n}]: {exc}") from None
+    if not path.exists():
+        raise ToolError(f"shard {file} listed in dataset.json is missing (run verify)")
+    if not path.is_file():
+        raise ToolError(f"shard {file} listed in dataset.json is not a regular file (run verify)")
+    return path
+
+
+def label_counts(path: str) -> tuple[Counter, str | None]:
+    """Labels of one shard (or why it cannot be read), reading only the tiny .cls members: image bytes are skipped
+    by seeking. A label that is not a decimal number counts as -1; verify names each bad one."""
     counts = Counter()
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if info.name.endswith(".cls"):
-                text = tar.extractfile(info).read()
-                counts[int(text) if text.strip().isdigit() else -1] += 1  # -1: a bad label (verify names it)
-    return counts
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if info.isreg() and info.name.endswith(".cls"):
+                    text = tar.extractfile(info).read()
+                    counts[int(text) if text.strip().isdigit() else -1] += 1
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return counts, str(exc) or type(exc).__name__
+    return counts, None
 
 
 def print_shard_stats(entries: list[dict]) -> None:
@@ -73,10 +95,13 @@ def print_shard_stats(entries: list[dict]) -> None:
 
 def print_histogram(histogram: Counter, classes: list[str]) -> None:
     per_class = [(histogram.get(i, 0), i) for i in range(len(classes))]
+    bad = sum(n for label, n in histogram.items() if not 0 <= label < len(classes))
+    if bad:
+        print(f"{bad:,} sample(s) with a label that is not a class index (0..{len(classes) - 1}); run verify")
     if not histogram:
         print("no labels (unlabelled data)")
         return
-    largest = max(n for n, _ in per_class)
+    largest = max([n for n, _ in per_class] + [1])
     if len(classes) <= FULL_HISTOGRAM_UP_TO:
         for n, i in per_class:
             print(f"  {i:>5} {classes[i]:<12} {n:>9,} {'#' * round(40 * n / largest)}")
@@ -90,41 +115,53 @@ def print_histogram(histogram: Counter, classes: list[str]) -> None:
     print("  most:   " + ", ".join(f"{classes[i]} {n:,}" for n, i in ranked[-5:][::-1]))
 
 
-def contact_sheet(out: Path, shards: list[dict], classes: list[str], samples: int, seed: int) -> Image.Image:
+def contact_sheet(paths: list[Path], classes: list[str], samples: int, seed: int) -> Image.Image:
     """A grid of random samples (from a few random shards), each captioned `index wnid`."""
     rng = random.Random(seed)
-    chosen = rng.sample(shards, min(len(shards), 4))
-    picks = [thumb for i, shard in enumerate(chosen)
-             for thumb in read_thumbnails(out / shard["file"], rng, -(-samples * (i + 1) // len(chosen))
-                                          - -(-samples * i // len(chosen)))]
+    chosen = rng.sample(paths, min(len(paths), 4))
+    picks = [thumb for i, path in enumerate(chosen)
+             for thumb in read_thumbnails(path, rng, -(-samples * (i + 1) // len(chosen))
+                                          - -(-samples * i // len(chosen)), classes)]
     columns = min(8, max(1, len(picks)))
     rows = max(1, -(-len(picks) // columns))
     sheet = Image.new("RGB", (columns * THUMB, rows * (THUMB + CAPTION)), "white")
     draw = ImageDraw.Draw(sheet)
-    for n, (thumb, label) in enumerate(picks):
+    for n, (thumb, caption) in enumerate(picks):
         x, y = (n % columns) * THUMB, (n // columns) * (THUMB + CAPTION)
         sheet.paste(thumb, (x, y))
-        caption = "unlabelled" if label is None else f"{label} {classes[label]}"
         draw.text((x + 2, y + THUMB + 1), caption[:26], fill="black")
     return sheet
 
 
-def read_thumbnails(path: Path, rng: random.Random, count: int) -> list[tuple[Image.Image, int | None]]:
-    """`count` random samples of one shard as thumbnails; only the chosen images are read and decoded."""
+def read_thumbnails(path: Path, rng: random.Random, count: int, classes: list[str]) -> list[tuple[Image.Image, str]]:
+    """`count` random samples of one shard as captioned thumbnails; only the chosen images are read and decoded,
+    and one that does not decode (or has no image) is shown as a grey tile saying so."""
     with tarfile.open(path, mode="r:") as tar:
         by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
         for info in tar:  # headers only
-            key, _, ext = info.name.partition(".")
-            by_key.setdefault(key, {})[ext] = info
+            if info.isreg():  # links are never followed
+                key, _, ext = info.name.partition(".")
+                by_key.setdefault(key, {})[ext] = info
         keys = rng.sample(sorted(by_key), min(count, len(by_key)))
         samples = [{ext: tar.extractfile(info).read() for ext, info in by_key[key].items() if ext in ("jpg", "cls")}
                    for key in keys]
-    thumbs = []
-    for members in samples:
-        if "jpg" not in members:
-            continue
-        with Image.open(io.BytesIO(members["jpg"])) as image:
+    return [(thumbnail(members.get("jpg")), caption(members.get("cls"), classes)) for members in samples]
+
+
+def thumbnail(jpeg: bytes | None) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(jpeg or b"")) as image:
             image.draft("RGB", (THUMB, THUMB))
-            thumb = ImageOps.fit(image.convert("RGB"), (THUMB, THUMB))
-        thumbs.append((thumb, int(members["cls"]) if "cls" in members else None))
-    return thumbs
+            return ImageOps.fit(image.convert("RGB"), (THUMB, THUMB))
+    except Exception:  # any decoder failure is shown, never a crash
+        tile = Image.new("RGB", (THUMB, THUMB), "lightgrey")
+        ImageDraw.Draw(tile).text((8, THUMB // 2), "no image" if jpeg is None else "does not decode", fill="black")
+        return tile
+
+
+def caption(label: bytes | None, classes: list[str]) -> str:
+    if label is None:
+        return "unlabelled"
+    if label.strip().isdigit() and int(label) < len(classes):
+        return f"{int(label)} {classes[int(label)]}"
+    return f"bad label {label[:8]!r}"

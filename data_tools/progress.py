@@ -21,9 +21,10 @@ def human_bytes(n: float) -> str:
 
 
 class Progress:
-    def __init__(self, label: str, total: int, *, stream=sys.stderr, log_every: float = 30.0) -> None:
-        self.label, self.total, self.stream = label, total, stream
-        self.tty = stream.isatty()
+    def __init__(self, label: str, total: int, *, stream=None, log_every: float = 30.0) -> None:
+        # sys.stderr looked up now, not at import: a caller (or pytest's capsys) may have replaced it since
+        self.label, self.total, self.stream = label, total, stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.start = self.last_print = time.monotonic()
         self.log_every = log_every
         self.done = 0

@@ -81,11 +81,29 @@ class SplitWriter:
         return {"num_samples": sum(s["num_samples"] for s in self.shards), "shards": self.shards}
 
 
+def shard_path(root: Path, file: object) -> Path:
+    """The path of a shard listed in ROOT/dataset.json as `file`; ValueError unless it names a plain file name
+    inside ROOT (no directory part, no `..`, not absolute, not a symlink that leads out of ROOT).
+
+    The one rule every reader of the index applies (largessl training, verify, inspect), so a hand-edited or
+    hostile dataset.json cannot make any of them open a file outside the dataset directory."""
+    if not isinstance(file, str) or not file or file in (".", "..") or "/" in file or "\\" in file or "\0" in file:
+        raise ValueError(f"shard entry {file!r} is not a file name inside the dataset directory")
+    path = root / file
+    if path.is_symlink():
+        real_root = root.resolve()
+        if real_root not in path.resolve().parents:
+            raise ValueError(f"shard entry {file!r} is a symlink to {path.resolve()}, outside {real_root}")
+    return path
+
+
 def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
 
 
 def read_index(out: Path) -> dict:
+    """OUT/dataset.json, checked to have the structure of shard-format.md ({} when there is none), so no reader
+    of it meets a null, a list where an object belongs or a count that is a string; one line names what is wrong."""
     path = out / "dataset.json"
     if not path.is_file():
         return {}
@@ -93,9 +111,75 @@ def read_index(out: Path) -> dict:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ToolError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise ToolError(f"{path} is malformed: not a JSON object (it is {json.dumps(index)[:40]})")
     if index.get("format") != FORMAT:
         raise ToolError(f"{path} has format {index.get('format')!r}, expected {FORMAT!r}")
+    problems = index_problems(index)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ToolError(f"{path} is malformed: {problems[0]}{more}")
     return index
+
+
+def index_problems(index: dict) -> list[str]:
+    """What makes `index` not an index of shard-format.md: missing fields and fields of the wrong type."""
+    problems = _field_problems(index, "", {"classes": _names, "splits": _object})
+    for split, entry in (index.get("splits") if isinstance(index.get("splits"), dict) else {}).items():
+        where = f"splits.{split}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} is {_shown(entry)}, not an object")
+            continue
+        problems += _field_problems(entry, f"{where}.", {"num_samples": _count, "shards": _list})
+        for n, shard in enumerate(entry["shards"] if isinstance(entry.get("shards"), list) else []):
+            if not isinstance(shard, dict):
+                problems.append(f"{where}.shards[{n}] is {_shown(shard)}, not an object")
+                continue
+            problems += _field_problems(shard, f"{where}.shards[{n}].", {"file": _text, "num_samples": _count,
+                                                                           "bytes": _count, "sha256": _text})
+    return problems
+
+
+def _field_problems(record: dict, prefix: str, fields: dict) -> list[str]:
+    problems = []
+    for name, (check, expected) in fields.items():
+        if name not in record:
+            problems.append(f"no {prefix}{name}")
+        elif not check(record[name]):
+            problems.append(f"{prefix}{name} is {_shown(record[name])}, not {expected}")
+    return problems
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(name, str) for name in value)
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_object(value: object) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_list(value: object) -> bool:
+    return isinstance(value, list)
+
+
+_count = (_is_count, "a count (an integer >= 0)")
+_text = (_is_text, "a string")
+_names = (_is_names, "a list of class names")
+_object = (_is_object, "an object")
+_list = (_is_list, "a list")
 
 
 def write_index(out: Path, *, name: str, source: str, classes: list[str], split: str, split_entry: dict,

@@ -14,12 +14,17 @@ import io
 import json
 import os
 import tarfile
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from data_tools.errors import ToolError
+from data_tools.limits import DEFAULT_MAX_GUNZIP_BYTES, GUNZIP_MAX_RATIO
+from data_tools.progress import human_bytes
 
 GZIP_MAGIC = b"\x1f\x8b"
+BLOCK = tarfile.BLOCKSIZE  # 512: tar headers, data padding and the two end-of-archive blocks
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -74,31 +79,122 @@ def is_unsafe(name: str) -> bool:
 
 # --- class folders -------------------------------------------------------------------------------------------
 
-def scan_class_folders(src: Path) -> Scan:
-    """Every regular file below each class folder; files directly in SRC belong to no class and are recorded."""
+def scan_class_folders(src: Path, follow_symlinks: bool = False) -> Scan:
+    """Every regular file below each class folder; files directly in SRC belong to no class and are recorded.
+
+    Symlinks are not followed (each is recorded, `symlink not followed`) unless `follow_symlinks`; then only
+    those that resolve inside SRC are, after every real folder was scanned, and a folder is scanned once at most
+    (a link to a folder already scanned is a loop or a duplicate, recorded). A class folder that is a symlink
+    stays a class either way, empty when not followed, so it cannot shift the label of every later class."""
     if not src.is_dir():
         raise ToolError(f"SRC '{src}' is not a directory")
-    groups, rejects, empty = [], [], []
+    walk = FolderWalk(src, follow_symlinks)
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        if entry.is_dir():
-            group = Group(entry.name, entry.name, entry.path, "dir", list(_files_below(Path(entry.path))))
-            (groups.append(group) if group.members else empty.append(entry.name))
+        if entry.is_dir(follow_symlinks=False):
+            walk.add_class(entry.name, entry.path)
+        elif entry.is_symlink() and os.path.isdir(entry.path):
+            walk.add_class(entry.name, None)
+        elif entry.is_symlink() and not follow_symlinks:
+            walk.rejects.append(reject(entry.name, "symlink not followed", _link_target(entry.path)))
         else:
-            rejects.append(reject(entry.name, "not in a class folder"))
+            walk.rejects.append(reject(entry.name, "not in a class folder"))
+    walk.follow_links()
+    groups = [Group(wnid, wnid, walk.roots[wnid], "dir", sorted(members))
+              for wnid, members in sorted(walk.members.items()) if members]
     if not groups:
-        raise ToolError(f"no images under class folders of {src} (expected SRC/CLASS/IMAGE files)")
-    return Scan(groups, rejects, empty)
+        skipped = sum(r["reason"] == "symlink not followed" for r in walk.rejects)
+        hint = f"; {skipped} symlink(s) not followed (--follow-symlinks follows those inside SRC)" if skipped else ""
+        raise ToolError(f"no images under class folders of {src} (expected SRC/CLASS/IMAGE files){hint}")
+    return Scan(groups, walk.rejects, sorted(w for w, members in walk.members.items() if not members))
 
 
-def _files_below(root: Path) -> list[tuple[str, int, int]]:
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in files:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                found.append((os.path.relpath(path, root).replace(os.sep, "/"), 0, os.path.getsize(path)))
-    return sorted(found)
+class FolderWalk:
+    """The files of class folders, found without leaving SRC; symlinks met are kept for `follow_links`."""
+
+    def __init__(self, src: Path, follow: bool) -> None:
+        self.src, self.follow = src, follow
+        self.real_src = os.path.realpath(src)
+        self.seen = {_identity(src)}  # (st_dev, st_ino) of every folder scanned
+        self.roots: dict[str, str] = {}  # class -> the folder its member names are relative to
+        self.members: dict[str, list[tuple[str, int, int]]] = {}
+        self.links: deque[tuple[str, str]] = deque()  # (class, name inside it; "" for the class folder itself)
+        self.rejects: list[dict] = []
+
+    def add_class(self, wnid: str, path: str | None) -> None:
+        """A real class folder is scanned now; a symlinked one (path None) waits for follow_links."""
+        self.members[wnid] = []
+        if path is None:
+            self.roots[wnid] = os.path.join(self.src, wnid)
+            self.links.append((wnid, ""))
+        else:
+            self.roots[wnid] = path
+            self.walk(wnid, "")
+
+    def walk(self, wnid: str, start: str) -> None:
+        stack = [start]
+        while stack:
+            rel = stack.pop()
+            folder = os.path.join(self.roots[wnid], rel)
+            try:
+                self.seen.add(_identity(folder))
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as exc:  # os.walk would skip it in silence
+                self.rejects.append(reject(f"{wnid}/{rel}".rstrip("/"), "unreadable folder", str(exc)))
+                continue
+            for entry in entries:
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_symlink():
+                    self.links.append((wnid, name))
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(name)
+                elif entry.is_file(follow_symlinks=False):
+                    self.members[wnid].append((name, 0, entry.stat(follow_symlinks=False).st_size))
+                else:  # FIFO, socket, device: never opened (a FIFO would block the worker)
+                    self.rejects.append(reject(f"{wnid}/{name}", "not a regular file"))
+
+    def follow_links(self) -> None:
+        """Each symlink met: recorded, or (when following) its folder scanned or its file taken, in order."""
+        while self.links:
+            wnid, name = self.links.popleft()
+            path = os.path.join(self.roots[wnid], name) if name else self.roots[wnid]
+            source = f"{wnid}/{name}" if name else wnid
+            why = link_refusal(path, self.real_src, self.follow)
+            if why is None and os.path.isdir(path) and _identity(path) in self.seen:
+                why = "symlink loop or folder already scanned"
+            if why is not None:
+                self.rejects.append(reject(source, why, _link_target(path)))
+            elif os.path.isdir(path):
+                if not name:
+                    self.roots[wnid] = os.path.realpath(path)
+                self.walk(wnid, name)
+            elif os.path.isfile(path):
+                self.members[wnid].append((name, 0, os.path.getsize(path)))
+            else:
+                self.rejects.append(reject(source, "not a regular file", _link_target(path)))
+
+
+def link_refusal(path: str, real_src: str, follow: bool) -> str | None:
+    """Why the symlink `path` is not followed, or None: followed only when asked to and resolving inside SRC."""
+    if not follow:
+        return "symlink not followed"
+    if not os.path.exists(path):
+        return "broken symlink"
+    real = os.path.realpath(path)
+    if real != real_src and not real.startswith(real_src.rstrip(os.sep) + os.sep):
+        return "symlink leads out of SRC"
+    return None
+
+
+def _identity(path: str | Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _link_target(path: str) -> str:
+    try:
+        return f"-> {os.readlink(path)}"
+    except OSError:
+        return ""
 
 
 # --- tars ----------------------------------------------------------------------------------------------------
@@ -155,12 +251,44 @@ def synset_of(name: str) -> str | None:
     return None
 
 
+class Truncated(Exception):
+    """A tar that stops before its end-of-archive blocks. tarfile takes a cut at a member boundary (or inside a
+    header) for the end of the archive, so an interrupted download would otherwise read as a shorter tar."""
+
+
+class GunzipTooLarge(Exception):
+    """A gzip-compressed inner tar that decompresses to more than the caps allow (a gzip bomb, or a cap too low)."""
+
+
+def tar_members(tar: tarfile.TarFile, fileobj, size: int) -> Iterator[tarfile.TarInfo]:
+    """The members of `tar` (read from `fileobj`, `size` bytes), then Truncated unless the last member's data is
+    whole and the two zero blocks that end every tar follow it; a non-zero block there is a ReadError."""
+    last = None
+    try:
+        for member in tar:
+            last = member
+            if member.offset_data + member.size > size:
+                raise Truncated(f"it ends inside {member.name!r}, at byte {size:,}")
+            yield member
+    except tarfile.ReadError:  # tarfile's "unexpected end of data": the cut is in the last member's padding
+        if last is not None and last.offset_data + -(-last.size // BLOCK) * BLOCK > size:
+            raise Truncated(f"it ends inside {last.name!r}, at byte {size:,}") from None
+        raise
+    end = tar.offset  # where tarfile stopped: the end-of-archive blocks must be here
+    if end + 2 * BLOCK > size:
+        raise Truncated(f"it ends at byte {size:,}, before the end-of-archive blocks")
+    fileobj.seek(end)
+    if fileobj.read(2 * BLOCK) != bytes(2 * BLOCK):
+        raise tarfile.ReadError(f"damaged at byte {end:,}: neither a tar header nor the end of the archive")
+
+
 def list_release_tar(src: Path) -> tuple[list[Container], list[dict]]:
-    """The per-synset tars inside the official release tar, found by reading headers only."""
+    """The per-synset tars inside the official release tar, found by reading headers only; a release tar that is
+    cut short (an interrupted download) stops the conversion rather than silently losing its later classes."""
     containers, rejects = [], []
     try:
-        with tarfile.open(src, mode="r:") as outer:
-            for member in outer:
+        with open(src, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as outer:
+            for member in tar_members(outer, raw, os.fstat(raw.fileno()).st_size):
                 if member.isdir():
                     continue
                 wnid = synset_of(member.name)
@@ -172,29 +300,52 @@ def list_release_tar(src: Path) -> tuple[list[Container], list[dict]]:
                     rejects.append(reject(member.name, "not a synset tar"))
                 else:
                     containers.append(Container(wnid, member.name, str(src), member.offset_data, member.size))
+    except Truncated as exc:
+        raise ToolError(f"{src} is truncated: {exc} (an interrupted download?); {len(containers):,} synset tars "
+                        f"before the cut, nothing converted") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ToolError(f"cannot read {src} as an uncompressed tar ({exc})") from None
     return containers, rejects
 
 
-def list_synset_tars(src: Path) -> list[Container]:
-    return [Container(synset_of(p.name), p.name, str(p), 0, p.stat().st_size)
-            for p in sorted(src.iterdir()) if p.is_file() and synset_of(p.name)]
+def list_synset_tars(src: Path, follow_symlinks: bool) -> tuple[list[Container], list[dict], list[str]]:
+    """The NAME.tar files of a directory, the other files it holds (recorded), and the classes of the synset
+    tars that are symlinks not followed (kept as classes, like an unreadable tar)."""
+    containers, rejects, kept = [], [], []
+    real_src = os.path.realpath(src)
+    for path in sorted(src.iterdir()):
+        wnid = synset_of(path.name)
+        if path.is_dir():
+            continue  # a folder beside synset tars stops the scan (one layout at a time)
+        if wnid is None:
+            rejects.append(reject(path.name, "not a synset tar"))
+        elif path.is_symlink() and (why := link_refusal(str(path), real_src, follow_symlinks)):
+            rejects.append(reject(path.name, why, _link_target(str(path))))
+            kept.append(wnid)
+        elif not path.is_file():
+            rejects.append(reject(path.name, "not a regular file"))
+            kept.append(wnid)
+        else:
+            real = os.path.realpath(path)
+            containers.append(Container(wnid, path.name, real, 0, os.path.getsize(real)))
+    return containers, rejects, kept
 
 
-def index_container(container: Container, spill: Path) -> tuple[Group | None, list[dict]]:
-    """Members of one per-synset tar, or (None, [why]) when it cannot be read: an unreadable tar is rejected whole."""
+def index_container(container: Container, spill: Path, max_gunzip_bytes: int = DEFAULT_MAX_GUNZIP_BYTES
+                    ) -> tuple[Group | None, list[dict]]:
+    """Members of one per-synset tar, or (None, [why]) when it cannot be read: an unreadable, truncated or too
+    large tar is rejected whole."""
     try:
         path, base, size = container.path, container.base, container.size
         with Window(path, base, size) as window:
             compressed = window.read(2) == GZIP_MAGIC
         if compressed:
-            path, base, size = _gunzip(container, spill), 0, None
+            path, base = _gunzip(container, spill, max_gunzip_bytes), 0
             size = os.path.getsize(path)
         group = Group(container.wnid, container.source, path, "tar")
         rejects = []
         with Window(path, base, size) as window, tarfile.open(fileobj=window, mode="r:") as tar:
-            for member in tar:
+            for member in tar_members(tar, window, size):
                 name = f"{container.source}/{member.name}"
                 if member.isdir():
                     continue
@@ -202,25 +353,41 @@ def index_container(container: Container, spill: Path) -> tuple[Group | None, li
                     rejects.append(reject(name, "unsafe member name"))
                 elif not member.isreg():
                     rejects.append(reject(name, "not a regular file"))
-                elif member.offset_data + member.size > size:
-                    raise tarfile.ReadError(f"truncated inside {member.name}")
                 else:
                     group.members.append((member.name, base + member.offset_data, member.size))
         return group, rejects
+    except Truncated as exc:
+        return None, [reject(container.source, "truncated tar", str(exc))]
+    except GunzipTooLarge as exc:
+        return None, [reject(container.source, "gzip member too large", str(exc))]
     except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile, ValueError) as exc:
         return None, [reject(container.source, "unreadable tar", str(exc))]
 
 
-def _gunzip(container: Container, spill: Path) -> str:
+def _gunzip(container: Container, spill: Path, max_bytes: int) -> str:
+    """Decompress a gzip inner tar into the work directory, in blocks, stopping (and removing the partial file)
+    once it exceeds `max_bytes` or GUNZIP_MAX_RATIO times its compressed size."""
     spill.mkdir(parents=True, exist_ok=True)
     # named by content position, never by the member name, so nothing lands outside the work directory
     target = spill / (hashlib.sha1(f"{container.path}:{container.base}".encode()).hexdigest() + ".tar")
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    with Window(container.path, container.base, container.size) as window, gzip.GzipFile(fileobj=window) as gz:
-        with open(tmp, "wb") as out:
-            while block := gz.read(1 << 20):
-                out.write(block)
-    os.replace(tmp, target)
+    limit = min(max_bytes, GUNZIP_MAX_RATIO * container.size)
+    try:
+        with Window(container.path, container.base, container.size) as window, gzip.GzipFile(fileobj=window) as gz:
+            with open(tmp, "wb") as out:
+                written = 0
+                while block := gz.read(1 << 20):
+                    written += len(block)
+                    if written > limit:
+                        raise GunzipTooLarge(f"{human_bytes(container.size)} compressed, more than "
+                                             f"{human_bytes(limit)} decompressed (the caps: --max-gunzip-bytes "
+                                             f"{max_bytes:,} and {GUNZIP_MAX_RATIO}x the compressed size)")
+                    out.write(block)
+        os.replace(tmp, target)
+    except EOFError:  # the gzip stream stops before its end marker: cut short like a truncated tar
+        raise Truncated(f"its gzip stream ends early, at byte {container.size:,}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return str(target)
 
 
@@ -238,22 +405,25 @@ def read_member(kind: str, path: str, name: str, offset: int, size: int, handles
     return data
 
 
-def scan_imagenet22k(src: Path, spill: Path, pool, report) -> Scan:
+def scan_imagenet22k(src: Path, spill: Path, pool, report, *, follow_symlinks: bool = False,
+                     max_gunzip_bytes: int = DEFAULT_MAX_GUNZIP_BYTES) -> Scan:
     """SRC: the release tar, a directory of per-synset tars, or a directory of synset folders."""
+    kept: list[str] = []
     if src.is_dir():
-        containers, rejects = list_synset_tars(src), []
-        if not containers:
-            return scan_class_folders(src)
+        containers, rejects, kept = list_synset_tars(src, follow_symlinks)
+        if not containers and not kept:
+            return scan_class_folders(src, follow_symlinks)
         if any(p.is_dir() for p in src.iterdir()):
             raise ToolError(f"{src} holds both synset tars and folders; point SRC at one layout")
     elif src.is_file():
         containers, rejects = list_release_tar(src)
     else:
-        raise ToolError(f"SRC '{src}' does not exist")
+        raise ToolError(f"SRC '{src}' is neither a tar file nor a directory")
     if not containers:
-        raise ToolError(f"no per-synset tars (NAME.tar) found in {src}")
-    groups, unreadable = [], []
-    jobs = [(c, spill) for c in containers]
+        linked = f"; {len(kept)} symlinked or irregular one(s) skipped, see --follow-symlinks" if kept else ""
+        raise ToolError(f"no per-synset tars (NAME.tar) found in {src}{linked}")
+    groups, unreadable = [], list(kept)
+    jobs = [(c, spill, max_gunzip_bytes) for c in containers]
     for i, (group, bad) in enumerate(pool.imap(_index_job, jobs, chunksize=4), 1):
         rejects.extend(bad)
         if group is not None:
@@ -264,5 +434,5 @@ def scan_imagenet22k(src: Path, spill: Path, pool, report) -> Scan:
     return Scan(groups, rejects, unreadable)
 
 
-def _index_job(job: tuple[Container, Path]) -> tuple[Group | None, list[dict]]:
+def _index_job(job: tuple[Container, Path, int]) -> tuple[Group | None, list[dict]]:
     return index_container(*job)

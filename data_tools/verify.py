@@ -3,6 +3,10 @@
 Full: each listed shard exists with the recorded bytes and sha256, holds the recorded number of samples, every
 sample has its members, a label in range and a JPEG that decodes, and keys are unique across the dataset.
 `--quick`: sizes and sample counts only, from the tar headers (no hashing, no decoding).
+
+Exit 0: OK. Exit 1: FAILED, one line per problem (a missing or damaged shard, a shard entry naming a file outside
+the dataset directory, a link or folder member, no splits, ...). Exit 2: no dataset.json, or one whose structure
+is not that of shard-format.md (shards.read_index names the first bad field). Nothing outside OUT is ever opened.
 """
 
 from __future__ import annotations
@@ -18,19 +22,25 @@ from PIL import Image
 from data_tools.errors import ToolError
 from data_tools.parallel import process_context
 from data_tools.progress import Progress
-from data_tools.shards import read_index, sha256_of
+from data_tools.shards import read_index, sha256_of, shard_path
 
 MAX_LISTED = 20
 
 
 def verify(out: Path, *, quick: bool, workers: int) -> int:
-    index = read_index(out)
+    index = read_index(out)  # its structure is checked there: a malformed index is one line, exit 2
     if not index:
         raise ToolError(f"{out} has no dataset.json")
-    require_fields(out, index)
     problems = check_index(index)
-    jobs = [(str(out / s["file"]), split, s, len(index["classes"]), quick)
-            for split, entry in sorted(index["splits"].items()) for s in entry["shards"]]
+    jobs = []
+    for split, entry in sorted(index["splits"].items()):
+        for n, shard in enumerate(entry["shards"]):
+            try:
+                path = shard_path(out, shard["file"])
+            except ValueError as exc:  # never opened: it names a file outside the dataset directory
+                problems.append(f"split {split} shards[{n}]: {exc}")
+                continue
+            jobs.append((str(path), split, shard, len(index["classes"]), quick))
     keys: dict[str, str] = {}
     progress = Progress(f"verifying {len(jobs)} shards" + (" (quick)" if quick else ""),
                         sum(s["num_samples"] for _, _, s, _, _ in jobs))
@@ -52,39 +62,32 @@ def verify(out: Path, *, quick: bool, workers: int) -> int:
     return report(out, index, problems, quick)
 
 
-def require_fields(out: Path, index: dict) -> None:
-    """The fields verify reads, so a hand-edited index fails with a line, not a KeyError."""
-    def missing(fields: tuple[str, ...], record: object) -> list[str]:
-        return [f for f in fields if not isinstance(record, dict) or f not in record]
-
-    absent = missing(("classes", "splits"), index)
-    for split, entry in (index.get("splits") or {}).items():
-        absent += [f"splits.{split}.{f}" for f in missing(("num_samples", "shards"), entry)]
-        for n, shard in enumerate(entry.get("shards") or [] if isinstance(entry, dict) else []):
-            absent += [f"splits.{split}.shards[{n}].{f}"
-                       for f in missing(("file", "num_samples", "bytes", "sha256"), shard)]
-    if absent:
-        raise ToolError(f"{out}/dataset.json is malformed: no {absent[0]}" + (f" (and {len(absent) - 1} more)"
-                                                                              if len(absent) > 1 else ""))
-
-
 def check_index(index: dict) -> list[str]:
-    problems = []
+    """What is wrong with a well-formed index on its own: no splits, an empty split, counts that do not add up."""
+    problems = [] if index["splits"] else ["dataset.json lists no splits"]
     for split, entry in sorted(index["splits"].items()):
+        if not entry["shards"]:
+            problems.append(f"split {split} has no shards")
         total = sum(s["num_samples"] for s in entry["shards"])
         if total != entry["num_samples"]:
             problems.append(f"split {split}: num_samples {entry['num_samples']} but its shards add up to {total}")
+    seen = set()
+    for name in index["classes"]:
+        if name in seen:
+            problems.append(f"class {name} is listed twice in classes")
+        seen.add(name)
     return problems
 
 
 def check_shard(job: tuple) -> tuple[str, list[str], list[str], int]:
     path, split, expected, num_classes, quick = job
     name = Path(path).name
-    try:
-        size = Path(path).stat().st_size
-    except FileNotFoundError:
+    if not Path(path).exists():
         return name, [f"{name}: missing (listed in split {split})"], [], expected["num_samples"]
+    if not Path(path).is_file():  # a folder, a FIFO (opening it would block), a device: never opened
+        return name, [f"{name}: not a regular file (listed in split {split})"], [], expected["num_samples"]
     problems = []
+    size = Path(path).stat().st_size
     if size != expected["bytes"]:
         problems.append(f"{name}: {size} bytes, dataset.json says {expected['bytes']}")
     if not quick and not problems and sha256_of(Path(path)) != expected["sha256"]:
@@ -94,6 +97,8 @@ def check_shard(job: tuple) -> tuple[str, list[str], list[str], int]:
     except (tarfile.TarError, OSError, EOFError) as exc:
         return name, problems + [f"{name}: not a readable tar ({exc})"], [], expected["num_samples"]
     problems += [f"{name}: {p}" for p in sample_problems[:MAX_LISTED]]
+    if not keys:
+        problems.append(f"{name}: holds no samples")
     if len(keys) != expected["num_samples"]:
         problems.append(f"{name}: {len(keys)} samples, dataset.json says {expected['num_samples']}")
     return name, problems, keys, expected["num_samples"]
@@ -110,6 +115,9 @@ def read_samples(path: str, num_classes: int, decode: bool) -> tuple[list[str], 
 
     with tarfile.open(path, mode="r:") as tar:
         for info in tar:
+            if not info.isreg():  # a link is never followed, not even to another member
+                problems.append(f"member {info.name} is a {member_kind(info)}, not a regular file")
+                continue
             key, _, ext = info.name.partition(".")
             if not keys or key != keys[-1]:
                 close_sample()
@@ -117,6 +125,12 @@ def read_samples(path: str, num_classes: int, decode: bool) -> tuple[list[str], 
             members[ext] = tar.extractfile(info).read() if decode or ext == "cls" else b""
         close_sample()
     return keys, problems
+
+
+def member_kind(info: tarfile.TarInfo) -> str:
+    kinds = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.DIRTYPE: "directory",
+             tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
+    return kinds.get(info.type, f"member of type {info.type!r}")
 
 
 def check_sample(key: str, members: dict[str, bytes], num_classes: int, decode: bool) -> list[str]:
@@ -145,7 +159,7 @@ def check_sample(key: str, members: dict[str, bytes], num_classes: int, decode: 
 
 def report(out: Path, index: dict, problems: list[str], quick: bool) -> int:
     splits = ", ".join(f"{split} {entry['num_samples']:,} samples in {len(entry['shards'])} shards"
-                       for split, entry in sorted(index["splits"].items()))
+                       for split, entry in sorted(index["splits"].items())) or "no splits"
     checked = "sizes and counts" if quick else "bytes, sha256, counts, labels and decoding"
     if not problems:
         print(f"OK {out}: {splits}; {checked} match dataset.json")
