@@ -1,16 +1,25 @@
-"""Checkpoint naming, discovery and pruning, and the per-rank state our checkpoints carry.
+"""Checkpoint naming, completion, discovery and pruning, and the per-rank state our checkpoints carry.
 
 DeepSpeed writes the weights and optimizer partitions; we add a client state (design.md "Run directory"):
 step, samples seen, every reader's data position, RNG states, the MLflow run. DeepSpeed stores the client
 state from rank 0 only, so per-rank parts are gathered into lists indexed by rank.
+
+A tag directory is complete only once `complete.json` is in it: rank 0 writes it (atomically) after every rank
+has finished writing, listing every file with its size, and only then points `latest` at the tag. So a tag that a
+killed job half-wrote is never chosen, and a file truncated afterwards is recognised as damaged before DeepSpeed
+reads it. Resuming takes the newest complete tag that passes that check, whatever `latest` says.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
+import os
 import random
 import re
 import shutil
+import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +27,146 @@ import numpy as np
 import torch
 
 TAG = re.compile(r"step_(\d+)$")
+MARKER = "complete.json"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    return int(TAG.match(tag)[1])
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag DeepSpeed's `latest` file names, if it exists and its directory is there."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
+    """The tag `latest` names, if the file exists, names a tag and its directory is there."""
+    try:
+        tag = (ckpt_dir / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    tag = latest.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+    return tag if TAG.match(tag) and (ckpt_dir / tag).is_dir() else None
+
+
+def step_tags(ckpt_dir: Path) -> list[str]:
+    """Every step_* directory, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name)), key=step_of, reverse=True)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / MARKER).is_file()
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete tags, newest first. A run directory written before completion markers existed has none: then the
+    tag `latest` names counts as complete (DeepSpeed wrote `latest` after the files)."""
+    tags = step_tags(ckpt_dir)
+    marked = [t for t in tags if is_complete(ckpt_dir / t)]
+    if marked or any((ckpt_dir / t / MARKER).exists() for t in tags):
+        return marked
+    legacy = latest_tag(ckpt_dir)
+    return [legacy] if legacy else []
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def begin_save(tag_dir: Path) -> None:
+    """Rank 0, before any rank writes `tag_dir`: it is incomplete until `mark_complete` (a re-save of a step must
+    never leave an old marker vouching for half-rewritten files)."""
+    (tag_dir / MARKER).unlink(missing_ok=True)
+
+
+def mark_complete(ckpt_dir: Path, tag: str, layout: dict[str, Any]) -> None:
+    """Rank 0, after every rank's files are written: record them with their sizes, then point `latest` here."""
+    tag_dir = ckpt_dir / tag
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != MARKER}
+    record = {"tag": tag, "step": step_of(tag), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **layout,
+              "files": files}
+    write_atomic(tag_dir / MARKER, json.dumps(record, indent=1) + "\n")
+    write_atomic(ckpt_dir / "latest", tag)
+
+
+def read_marker(tag_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((tag_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def damage(tag_dir: Path) -> str:
+    """Why a complete tag cannot be read ('' when it looks whole): a listed file missing or of another size, or a
+    torch file whose zip structure is broken (a truncated write). Reads only file sizes and zip directories."""
+    marker = read_marker(tag_dir)
+    if is_complete(tag_dir) and not marker.get("files"):
+        return f"{MARKER} is unreadable"
+    for name, size in (marker.get("files") or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} when written (truncated or overwritten)"
+    names = marker.get("files") or {p.name: 0 for p in tag_dir.glob("*.pt")}
+    if not names:
+        return "it holds no checkpoint files"
+    for name in names:
+        if name.endswith(".pt"):
+            try:
+                with zipfile.ZipFile(tag_dir / name) as archive:
+                    archive.infolist()
+            except (zipfile.BadZipFile, OSError) as exc:
+                return f"{name} is not a readable torch file ({exc})"
+    return ""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The tag to resume from (None: start from scratch) and what was passed over, in words."""
+
+    tag: str | None
+    notes: list[str]
+    unusable: list[str]  # complete tags passed over as damaged
+
+
+def choose_resume_tag(ckpt_dir: Path) -> Choice:
+    """The newest complete, undamaged tag; what was skipped is said in `notes`."""
+    notes, unusable = [], []
+    complete = complete_tags(ckpt_dir)
+    newest = step_of(complete[0]) if complete else -1
+    partial = [t for t in step_tags(ckpt_dir) if t not in complete and step_of(t) > newest]
+    notes += [f"{t} was never completely written (ignored)" for t in partial]
+    for tag in complete:
+        why = damage(ckpt_dir / tag)
+        if not why:
+            named = latest_tag(ckpt_dir)
+            if named != tag:
+                said = f"names {named}" if named else "is missing or names no checkpoint"
+                notes.append(f"checkpoints/latest {said}; the newest complete checkpoint is {tag}")
+            return Choice(tag, notes, unusable)
+        notes.append(f"{tag} is damaged: {why}")
+        unusable.append(tag)
+    return Choice(None, notes, unusable)
+
+
+def set_aside(ckpt_dir: Path, tag: str) -> Path:
+    """Move a damaged tag out of the way (renamed, not deleted: it may be worth a look), so it is neither chosen
+    nor counted by `prune`; returns its new path."""
+    target = ckpt_dir / f"damaged_{tag}"
+    if target.exists():
+        target = ckpt_dir / f"damaged_{tag}_{int(time.time())}"
+    os.replace(ckpt_dir / tag, target)
+    return target
 
 
 def model_states_file(tag_dir: Path) -> Path:
@@ -42,26 +178,29 @@ def model_states_file(tag_dir: Path) -> Path:
 
 
 def resolve_tag_dir(path: Path) -> Path:
-    """A run directory, its checkpoints/ directory or one tag directory -> the tag directory to read."""
+    """A run directory, its checkpoints/ directory or one tag directory -> the tag directory to read (the newest
+    complete, undamaged one)."""
     for ckpt_dir in (path / "checkpoints", path):
-        tag = latest_tag(ckpt_dir)
+        tag = choose_resume_tag(ckpt_dir).tag
         if tag:
             return ckpt_dir / tag
-    with contextlib.suppress(FileNotFoundError):
-        model_states_file(path)
+    if not damage(path) and any(path.glob("*model_states.pt")):
         return path
     raise FileNotFoundError(path)
 
 
 def prune(ckpt_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` step_* checkpoints (never the one `latest` names); returns removed."""
-    current = latest_tag(ckpt_dir)
-    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name)),
-                  key=lambda p: int(TAG.match(p.name)[1]))
-    removed = [p for p in tags[:-keep] if p.name != current]
+    """Delete all but the newest `keep` complete checkpoints, and tags that never completed; never the tag `latest`
+    names, never the newest complete one. Returns what was removed."""
+    complete = complete_tags(ckpt_dir)
+    protected = {latest_tag(ckpt_dir), *complete[:max(1, keep)]}
+    removed = [ckpt_dir / t for t in step_tags(ckpt_dir) if t not in protected]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+# ----------------------------------------------------------------------------- RNG
 
 
 def capture_rng() -> dict[str, Any]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from largessl.errors import UserError, one_line
+from largessl.errors import UserError, is_lost_peer, one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,7 +45,9 @@ def build_parser() -> Parser:
 
 def pretrain(args: argparse.Namespace) -> int:
     from largessl.config.load import dump_config, load_config
+    from largessl.lifecycle import die_with_launcher
 
+    die_with_launcher()
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
@@ -70,19 +73,54 @@ def eval_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def rank_prefix() -> str:
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    return f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))}] " if world > 1 else ""
+
+
+def report_failure(exc: BaseException) -> int:
+    """One line on stderr for any exception, and the exit code: 2 for what the user must fix, 1 otherwise (with
+    the traceback above the line, when it is a bug rather than a failed disk, file or peer)."""
+    from largessl.errors import SharedError
+
+    if isinstance(exc, SharedError):  # the same on every rank: rank 0 says it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"largessl: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, UserError):
+        print(f"largessl: error: {rank_prefix()}{one_line(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError):
+        print(f"largessl: error: {rank_prefix()}{exc}", file=sys.stderr)
+        return 2
+    if is_lost_peer(exc):
+        print(f"largessl: error: {rank_prefix()}lost contact with another rank, which probably failed (its error "
+              f"is above): {one_line(exc)[:300]}", file=sys.stderr)
+        return 1
+    traceback.print_exception(exc)
+    print(f"largessl: error: {rank_prefix()}{type(exc).__name__}: {one_line(exc)} (a bug: the traceback is above)",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pretrain":
             return pretrain(args)
         return eval_knn(args)
-    except UserError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"largessl: error: {one_line(exc)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        return report_failure(exc)
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if code == 0:
+        sys.exit(0)
+    # After a failure nothing may keep the process alive (a thread, a collective, a backend's destructor): the
+    # job has already released what it held (Trainer.close), so leave without the interpreter's exit handlers.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

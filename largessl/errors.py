@@ -5,12 +5,25 @@ class UserError(Exception):
     """Something the user has to change: a config key, a path, a dataset. Printed as one line."""
 
 
-class ConfigError(UserError):
+class SharedError(UserError):
+    """An error every rank raises alike (a config value, or a decision rank 0 made and broadcast): printed by rank 0
+    only. Other UserErrors are one rank's own (its shard, its file) and every rank prints its own."""
+
+
+class ConfigError(SharedError):
     """A bad config key or value. The message names the key."""
 
 
 class DataError(UserError):
     """A missing, empty or unreadable dataset or shard. The message names the file."""
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank went away (it failed first, and said why)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "NCCL error",
+                                      "ProcessGroupNCCL", "Broken pipe", "DistBackendError"))
 
 
 def one_line(exc: BaseException) -> str:

@@ -5,17 +5,14 @@ Model and objective code is single-device PyTorch; DeepSpeed lives behind `distr
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from largessl import checkpoint
+from largessl import checkpoint, resume
 from largessl.config.load import dump_config
 from largessl.config.loader import flatten, to_dict
 from largessl.config.schema import PretrainConfig
@@ -27,20 +24,21 @@ from largessl.data import (
     open_split,
     plan_training,
 )
-from largessl.data.loader import DataPosition
+from largessl.data.loader import DataPosition, kill_workers
 from largessl.data.transforms import EvalTransform
 from largessl.distributed import comm
 from largessl.distributed.ema import EMATeacher
 from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
-from largessl.errors import ConfigError, UserError, one_line
+from largessl.errors import ConfigError, SharedError, UserError, is_lost_peer, one_line
 from largessl.eval.knn import extract_features, knn_top1
+from largessl.health import FiniteGuard, decode_first_bad, diverged
+from largessl.lifecycle import StopSignals
 from largessl.objectives import OBJECTIVES
 from largessl.optim import apply_schedules, build_param_groups
 from largessl.progress import Interval, peak_memory_gb, progress_line, say, sync
-from largessl.tracking import NullTracker, Tracker, git_commit
+from largessl.run_dir import RunDir
+from largessl.tracking import NullTracker, Tracker, check_store, git_commit
 
-# SLURM sends SIGTERM (or a chosen signal such as USR1) before preempting; Ctrl-C is SIGINT.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STOP_CHECK_EVERY = 10
 
 
@@ -53,16 +51,29 @@ def accumulation_steps(cfg: PretrainConfig, world_size: int) -> int:
 
 
 class Trainer:
+    """One training job. Whatever ends it (the last step, a signal, an error in any part), `close` runs: DataLoader
+    workers killed, MLflow told, the run lock released, and after an error the process group aborted."""
+
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
+        self.run = RunDir(cfg.run.output_dir, cfg.run.name)
+        self.run_dir, self.ckpt_dir = self.run.path, self.run.ckpt_dir
         self.env = init_distributed(cfg.distributed)
-        self.accumulation = accumulation_steps(cfg, self.env.world_size)
-        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.config_text = dump_config(cfg)
+        self.tracker: NullTracker = NullTracker()
+        self.closed = False
         self.step = 0
         self.stop_signal = 0
+        try:
+            self._build()
+        except BaseException:
+            self.close("FAILED")
+            raise
 
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.accumulation = accumulation_steps(cfg, self.env.world_size)
+        self.config_text = dump_config(cfg)
+        self._take_run_dir()
         self.train_index = open_split(cfg.data.train, cfg.data.train_split, "data.train")
         self.plan = plan_training(cfg.data, self.train_index, seed=cfg.trainer.seed, world_size=self.env.world_size)
         self.ds_config = deepspeed_config(cfg.distributed, micro_batch=cfg.data.micro_batch_size,
@@ -75,32 +86,64 @@ class Trainer:
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device)
         self.teacher = self._build_teacher()
+        self.guard = FiniteGuard(self.env.device, grad_overflow_is_skipped=cfg.distributed.precision == "fp16")
         checkpoint.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
         client_state = self._load_checkpoint()  # before the run directory takes this config
-        self._prepare_run_dir()
+        self._record_config()
         self.position = self._restore(client_state)
+        self.batches = self._start_loader()  # workers fork before the tracker starts its thread
         self.tracker = self._start_tracking(client_state)
-        self.loader = build_train_loader(
+        if self.env.is_main:
+            say(describe_plan(self.plan, self.train_index))
+
+    def _start_loader(self) -> Any:
+        cfg = self.cfg
+        loader = build_train_loader(
             cfg.data, self.plan, self.objective_cls.sample_transform(cfg.objective, cfg.model),
             rank=self.env.rank, world_size=self.env.world_size, states=self.position.readers,
             rotation=self.position.micro_batches % max(1, cfg.data.num_workers),
             corrupt_log_path=str(self.run_dir / "corrupt_samples.jsonl"))
-        if self.env.is_main:
-            say(describe_plan(self.plan, self.train_index))
+        rng = torch.get_rng_state()
+        batches = iter(loader)  # draws a worker base seed from torch's RNG (unused: samples are seeded)
+        torch.set_rng_state(rng)  # so drop path continues a resumed run's random stream exactly
+        return batches
+
+    def close(self, status: str) -> None:
+        """Release everything the job holds; idempotent. `status` is MLflow's: FINISHED, KILLED or FAILED."""
+        if self.closed:
+            return
+        self.closed = True
+        kill_workers()
+        self.tracker.finish(status)
+        self.run.unlock()
+        if status == "FAILED":
+            comm.abort()
 
     # ----------------------------------------------------------------- set-up and resume
 
-    def _prepare_run_dir(self) -> None:
+    def _take_run_dir(self) -> None:
+        """Rank 0 creates, checks and locks the run directory (and checks the MLflow store); every rank learns
+        the outcome, so a refusal ends all of them with rank 0's line."""
+        problem = ""
         if self.env.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            previous = self.run_dir / "config.yaml"
-            if previous.is_file() and previous.read_text() != self.config_text:
-                old, new = flatten(yaml.safe_load(previous.read_text()) or {}), flatten(to_dict(self.cfg))
-                changed = sorted(k for k in new if old.get(k) != new[k])
+            try:
+                self.run.create()
+                check_store(self.cfg.tracking, self.run_dir)
+                problem = self.run.lock_as_main()
+            except UserError as exc:
+                problem = str(exc)
+        problem = comm.broadcast_object(problem)
+        if problem:
+            raise SharedError(problem)
+        if not self.env.is_main:
+            self.run.lock_as_rank(self.env.rank)
+
+    def _record_config(self) -> None:
+        if self.env.is_main:
+            changed = self.run.record_config(self.config_text, to_dict(self.cfg), self.ds_config)
+            if changed:
                 say(f"warning: the config differs from this run's previous one in: {', '.join(changed)}; "
                     "MLflow keeps the params it logged first")
-            previous.write_text(self.config_text)
-            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
         comm.barrier()
 
     def _build_teacher(self) -> EMATeacher | None:
@@ -117,21 +160,16 @@ class Trainer:
         return teacher
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
-        tag = checkpoint.latest_tag(self.ckpt_dir)
-        if tag is None:
+        choice = resume.choose(self.run, self.env.is_main)
+        if choice.tag is None:
             if self.teacher:
                 self.teacher.initialize()  # teacher = student
             return None
-        try:
-            client_state = self.engine.load(self.ckpt_dir, tag)
-            if self.teacher:
-                self.teacher.load(self.ckpt_dir / tag)
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise UserError(f"cannot resume from {self.ckpt_dir / tag}: it does not fit this config "
-                            f"({one_line(exc)[:200]}); use another run.name to start a new run") from None
-        self.engine.module.load_extra_state(client_state.get("objective", {}))
+        resume.check_layout(self.run, choice.tag, self.cfg.distributed.zero_stage)
+        client_state = resume.load(self.engine, self.teacher, self.ckpt_dir, choice.tag)
         if self.env.is_main:
-            say(f"resumed from {self.ckpt_dir / tag} (step {client_state['step']})")
+            resume.set_aside_damaged(self.run, choice)
+            say(f"resumed from {self.ckpt_dir / choice.tag} (step {client_state['step']})")
         return client_state
 
     def _restore(self, client_state: dict[str, Any] | None) -> DataPosition:
@@ -164,8 +202,9 @@ class Trainer:
         params = {**flatten(to_dict(self.cfg)), "derived.world_size": self.env.world_size,
                   "derived.accumulation_steps": self.accumulation, "derived.peak_lr": self.cfg.optim.peak_lr()}
         client_state = client_state or {}
-        tracker = Tracker.start(self.cfg.tracking, run_name=self.cfg.run.name, params=params, tags=tags,
-                                run_id=client_state.get("mlflow_run_id", ""),
+        tracker = Tracker.start(self.cfg.tracking, run_dir=self.run_dir, run_name=self.cfg.run.name, params=params,
+                                tags=tags, resume_step=self.step,
+                                fallback_run_id=client_state.get("mlflow_run_id", ""),
                                 fallback_uri=client_state.get("tracking_uri", ""))
         for name in ("config.yaml", "ds_config.json"):  # re-logged on resume: the config may have changed
             tracker.log_artifact(self.run_dir / name)
@@ -174,41 +213,46 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
 
     def train(self) -> int:
-        """Train to trainer.max_steps; returns the exit code (128 + signal number when stopped by a signal)."""
-        cfg = self.cfg.trainer
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
-        rng = torch.get_rng_state()
-        batches = iter(self.loader)  # draws a worker base seed from torch's RNG (unused: samples are seeded)
-        torch.set_rng_state(rng)  # so drop path continues a resumed run's random stream exactly
-        interval = Interval()
+        """Train to trainer.max_steps; returns the exit code (128 + signal number when stopped by a signal).
+        Any exception ends the job cleanly (see `close`) and propagates."""
         status = "FAILED"
         try:
-            while self.step < cfg.max_steps:
-                report = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
-                terms, lr, wd, grad_norm = self.train_step(batches, want_norm=report)
-                self.step += 1
-                interval.add(terms)
-                if report:
-                    self._report(interval, lr, wd, grad_norm)
-                    interval.reset()
-                if self.cfg.eval.knn_every and self.step % self.cfg.eval.knn_every == 0:
-                    with interval.paused():
-                        self._log_knn()
-                stopping = self._stop_requested(report)
-                if stopping or self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    with interval.paused():
-                        self.save()
-                if stopping:
-                    status = "KILLED"
-                    say(f"stopped by signal at step {self.step}; checkpoint saved in {self.ckpt_dir}; "
-                        "rerun the same command to resume")
-                    return 128 + (self.stop_signal or signal.SIGTERM)
-            status = "FINISHED"
-            self._say_done()
-            return 0
+            with StopSignals(self._on_signal):
+                code = self._loop()
+            status = "KILLED" if code else "FINISHED"
+            return code
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
-            self.tracker.finish(status)
+            self.close(status)
+
+    def _loop(self) -> int:
+        cfg = self.cfg.trainer
+        batches = self.batches
+        interval = Interval()
+        while self.step < cfg.max_steps:
+            report = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+            terms, lr, wd, grad_norm = self.train_step(batches, want_norm=report)
+            self.step += 1
+            interval.add(terms)
+            saving = self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps
+            if report:
+                self._report(interval, lr, wd, grad_norm)
+                interval.reset()
+            stopping = self._check(report or saving)
+            if self.cfg.eval.knn_every and self.step % self.cfg.eval.knn_every == 0:
+                with interval.paused():
+                    self._log_knn()
+            if stopping or saving:
+                with interval.paused():
+                    self.save()
+            if stopping:
+                say(f"stopped by signal at step {self.step}; checkpoint saved in {self.ckpt_dir}; "
+                    "rerun the same command to resume")
+                return 128 + (self.stop_signal or signal.SIGTERM)
+        self._say_done()
+        return 0
 
     def train_step(self, batches: Any, want_norm: bool) -> tuple[dict[str, torch.Tensor], float, float, float | None]:
         """One optimizer step over `accumulation` micro-batches; returns the mean of the objective's outputs."""
@@ -226,6 +270,7 @@ class Trainer:
             grad_norm = self.engine.step(want_norm)
             for key, value in out.items():
                 terms[key] = terms.get(key, 0.0) + value.detach().float() / self.accumulation
+        self.guard.observe(self.step + 1, terms["loss"], self.engine.last_grad_norm())
         module.after_optimizer_step(self.step + 1)
         if self.teacher:
             self.teacher.update(module.teacher_momentum())
@@ -260,11 +305,8 @@ class Trainer:
         self._log(metrics)
 
     def _log(self, metrics: dict[str, float]) -> None:
-        """To MLflow and to RUN_DIR/metrics.jsonl (rank 0 only), at the current step."""
-        if self.env.is_main:
-            self.tracker.log_metrics(metrics, self.step)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        """To RUN_DIR/metrics.jsonl and MLflow (rank 0's tracker; the other ranks' does nothing), at this step."""
+        self.tracker.log_metrics(metrics, self.step)
 
     def epoch(self) -> float:
         return self.step * self.cfg.optim.global_batch_size / (self.plan.num_slots * self.plan.samples_per_slot)
@@ -315,21 +357,59 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """A checkpoint of this step, on every rank; refused when the weights are not finite. The tag is complete
+        (and `latest` names it) only once every rank has written its part."""
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        finite = self.engine.local_weights_finite(params)
+        if self.teacher:
+            finite = finite & torch.isfinite(self.teacher.flat).all()
+        if not comm.all_true(finite):
+            raise diverged(self.step, self._newest_checkpoint(), "the weights")
         tag = checkpoint.tag_for(self.step)
-        if self.teacher:  # before DeepSpeed writes `latest`, so a checkpoint it names always has its teacher
-            (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-            self.teacher.save(self.ckpt_dir / tag)
+        try:
+            self._write_checkpoint(tag)
+        except (OSError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and is_lost_peer(exc):
+                raise
+            raise UserError(f"cannot write the checkpoint {self.ckpt_dir / tag} ({one_line(exc)[:300]}); the "
+                            "checkpoints before it are kept: make room or fix the permissions, then rerun the same "
+                            "command to resume") from None
+        if self.env.is_main:
+            checkpoint.prune(self.ckpt_dir, self.cfg.trainer.keep_last)
+        comm.barrier()
+
+    def _write_checkpoint(self, tag: str) -> None:
+        tag_dir = self.ckpt_dir / tag
+        if self.env.is_main:
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.begin_save(tag_dir)
+        comm.barrier()
+        if self.teacher:  # in the tag directory before it is marked complete
+            self.teacher.save(tag_dir)
         self.engine.save(self.ckpt_dir, tag, self.client_state())
         comm.barrier()
         if self.env.is_main:
-            checkpoint.prune(self.ckpt_dir, self.cfg.trainer.keep_last)
+            checkpoint.mark_complete(self.ckpt_dir, tag, {"zero_stage": self.cfg.distributed.zero_stage,
+                                                          "world_size": self.env.world_size,
+                                                          "precision": self.cfg.distributed.precision})
 
-    def _stop_requested(self, reporting: bool) -> bool:
-        """Whether any rank got a stop signal; all ranks ask at the same steps (a collective with a device sync,
-        so only every STOP_CHECK_EVERY steps and at reports: a preempted job stops within that many steps)."""
-        if not reporting and self.step % STOP_CHECK_EVERY and self.step != self.cfg.trainer.max_steps:
+    def _newest_checkpoint(self) -> str:
+        tags = checkpoint.complete_tags(self.ckpt_dir)
+        return tags[0] if tags else ""
+
+    def _check(self, due: bool) -> bool:
+        """Whether to stop for a signal; raises when any rank's loss or gradient norm went non-finite. All ranks
+        ask at the same steps: one small collective (a device sync), so only every STOP_CHECK_EVERY steps, at
+        reports and before checkpoints: a preempted or diverged job stops within that many steps."""
+        if not due and self.step % STOP_CHECK_EVERY:
             return False
-        return comm.all_reduce_max(float(self.stop_signal), self.env.device) > 0
+        stop, bad = comm.all_reduce_max(torch.stack([
+            torch.tensor(float(self.stop_signal), dtype=torch.float64, device=self.env.device),
+            self.guard.encoded()]))
+        first_bad = decode_first_bad(bad)
+        if first_bad is not None:
+            raise diverged(first_bad, self._newest_checkpoint())
+        return stop > 0
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.stop_signal and signum == signal.SIGINT:

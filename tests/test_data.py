@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,50 @@ def test_data_tools_imagefolder_labels_follow_folders(mini_shards: Path, tmp_pat
                         rank=0, world_size=1, image_size=32)
     labels = torch.cat([b["label"] for b in stream])
     assert torch.bincount(labels).tolist() == [50] * 10
+
+
+# ----------------------------------------------------------------------------- counts that disagree with the index
+
+
+def misdeclared(tmp_path: Path, sizes: list[int], declared: list[int]) -> Path:
+    """Real shards of `sizes` samples whose dataset.json claims `declared` samples per shard."""
+    root = uneven_dataset(tmp_path / "d", sizes)
+    index = json.loads((root / "dataset.json").read_text())
+    for shard, count in zip(index["splits"]["train"]["shards"], declared, strict=True):
+        shard["num_samples"] = count
+    index["splits"]["train"]["num_samples"] = sum(declared)
+    (root / "dataset.json").write_text(json.dumps(index))
+    return root
+
+
+def test_a_shard_with_fewer_samples_than_declared_stops_exact_epochs(tmp_path: Path) -> None:
+    root = misdeclared(tmp_path, [40, 30], [40, 50])
+    plan = plan_for(root, slots=1, batch=8)
+    with pytest.raises(DataError, match=r"shard \S+train-000001\.tar holds 30 samples but dataset\.json says 50; "
+                                        r"check the dataset with: python -m data_tools verify "):
+        list(itertools.islice(plan.stream(0, 0), plan.samples_per_slot))
+
+
+def test_a_shard_with_more_samples_than_declared_warns_and_reads_the_declared(tmp_path: Path, capsys) -> None:
+    root = misdeclared(tmp_path, [40, 30], [40, 20])
+    plan = plan_for(root, slots=1, batch=4)
+    samples = keys(itertools.islice(plan.stream(0, 0), plan.samples_per_slot))
+    assert len(samples) == 60 and len(set(samples)) == 60
+    assert "s00060" not in samples  # the 21st sample of the second shard is beyond its declared count
+    assert capsys.readouterr().err.count("holds more samples than the 20 dataset.json says") == 1
+
+
+def test_resampled_streams_warn_on_short_shards_and_stop_when_nothing_comes(tmp_path: Path, capsys) -> None:
+    plan = plan_for(misdeclared(tmp_path, [40, 30], [40, 50]), slots=1, batch=8, resampled=True)
+    assert len(keys(itertools.islice(plan.stream(0, 0), 200))) == 200
+    assert capsys.readouterr().err.count("holds 30 samples but dataset.json says 50") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with tarfile.open(empty / "train-000000.tar", "w"):
+        pass
+    write_index(empty, name="e", source="test", classes=CLASSES, split="train", preprocess={},
+                split_entry={"num_samples": 64, "shards": [{"file": "train-000000.tar", "num_samples": 64}]})
+    for resampled in (True, False):
+        stream = plan_for(empty, slots=1, batch=8, resampled=resampled).stream(0, 0)
+        with pytest.raises(DataError, match="yield no samples at all|holds 0 samples"):
+            next(stream)

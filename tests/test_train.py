@@ -241,7 +241,8 @@ def test_logs_to_a_real_mlflow_server(mlflow_server: str, mini_shards: Path, tmp
 
 def test_unreachable_server_warns_once_and_trains(mini_shards: Path, tmp_path: Path) -> None:
     result = ok(run_largessl(mini_run(mini_shards, "offline", f"tracking.uri=http://127.0.0.1:{free_port()}",
-                                      "trainer.max_steps=4", "trainer.log_every=2"), tmp_path))
+                                      "trainer.max_steps=4", "trainer.log_every=2", "tracking.flush_timeout_s=2"),
+                             tmp_path))
     assert result.stderr.count("cannot be reached") == 1
     assert sorted(read_metrics(tmp_path / "runs" / "offline")) == [2, 4]
 

@@ -41,6 +41,12 @@ class RunConfig:
     name: str = ""
     """Run directory name under output_dir; empty: the recipe's file name. Same name = resume."""
 
+    def validate(self, prefix: str = "run") -> None:
+        require(bool(self.output_dir), f"{prefix}.output_dir", "must name a directory")
+        name = self.name
+        require(name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name,
+                f"{prefix}.name", f"'{name}' must be one directory name inside run.output_dir (no '/', not '..')")
+
 
 @dataclass
 class TrackingConfig:
@@ -49,7 +55,13 @@ class TrackingConfig:
     experiment: str = "largessl"
     """MLflow experiment name."""
     enabled: bool = True
-    """Log to MLflow at all."""
+    """Log to MLflow at all (RUN_DIR/metrics.jsonl is written either way)."""
+    flush_timeout_s: float = 10.0
+    """At the end of a job, wait at most this long for MLflow to receive what is still queued. What it has not
+    received stays in RUN_DIR/metrics.jsonl and is sent by the next job on the run (rerun the same command)."""
+
+    def validate(self, prefix: str = "tracking") -> None:
+        require(0 <= self.flush_timeout_s < float("inf"), f"{prefix}.flush_timeout_s", "must be seconds, >= 0")
 
 
 @dataclass
@@ -66,7 +78,7 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        for name in ("model", "objective", "data", "optim", "trainer", "distributed", "eval"):
+        for name in ("model", "objective", "data", "optim", "trainer", "distributed", "eval", "run", "tracking"):
             getattr(self, name).validate(name)
         self.objective.validate_with_model(self.model)
         require(bool(self.data.train), "data.train", "is required: a dataset directory (shard-format.md)")

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_tools.shards import shard_path
 from largessl.errors import DataError
 
 FORMAT = "largessl-wds/1"
@@ -56,9 +57,15 @@ def open_split(root: str, split: str, what: str = "data.train") -> SplitIndex:
     if split not in splits:
         raise DataError(f"{what}: dataset '{root}' has no split '{split}' (it has: {', '.join(splits) or 'none'})")
     try:
-        shards = tuple(Shard(str(root_path / s["file"]), int(s["num_samples"])) for s in splits[split]["shards"])
+        entries = [(s["file"], int(s["num_samples"])) for s in splits[split]["shards"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{what}: split '{split}' in {root_path / 'dataset.json'} is malformed ({exc!r})") from None
+    if any(count < 0 for _, count in entries):
+        raise DataError(f"{what}: split '{split}' in {root_path / 'dataset.json'} has a negative num_samples")
+    try:
+        shards = tuple(Shard(str(shard_path(root_path, file)), count) for file, count in entries)
+    except ValueError as exc:
+        raise DataError(f"{what}: {root_path / 'dataset.json'}: {exc}; refusing to read it") from None
     result = SplitIndex(str(root_path), split, shards, tuple(index.get("classes") or ()))
     if result.num_samples == 0:
         raise DataError(f"{what}: split '{split}' of dataset '{root}' is empty (0 samples)")

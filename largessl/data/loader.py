@@ -7,22 +7,29 @@ continues each reader exactly where it stopped.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import io
 import itertools
 import json
 import os
 import signal
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils import signal_handling
 
 from largessl.data.index import SplitIndex
 from largessl.data.stream import RawSample, StreamPlan, derive_seed, read_range
 from largessl.errors import DataError
+from largessl.lifecycle import STOP_SIGNALS, die_with_parent
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Transform = Callable[[Image.Image], dict[str, torch.Tensor]]
@@ -75,10 +82,50 @@ class CorruptLog:
                 f.write(json.dumps(entry) + "\n")
 
 
-def _worker_ignores_preemption_signals(_: int) -> None:
-    # The training process handles SIGTERM/SIGUSR1/SIGINT (checkpoint, then exit); workers must not die first.
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+def _init_worker(_: int) -> None:
+    """A DataLoader worker ignores the stop signals (the training process handles SIGTERM/SIGUSR1/SIGINT: a
+    checkpoint, then exit, and workers must not die first, since SLURM and Ctrl-C signal every process), and dies
+    with its parent. Ignoring SIGTERM also defeats multiprocessing's exit-time terminate(), so the training process
+    kills its workers itself (`kill_workers`)."""
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
+
+
+_live_iterators: weakref.WeakSet = weakref.WeakSet()
+
+
+def kill_workers() -> None:
+    """SIGKILL the DataLoader workers of every iterator this process started, reap them and close the iterators.
+    Safe at any time. Called on every way out of training, and at exit (where torch's own shutdown is a no-op)."""
+    for iterator in list(_live_iterators):
+        if getattr(iterator, "_worker_pids_set", False):  # else torch's SIGCHLD handler reports the kill as a crash
+            with contextlib.suppress(Exception):
+                signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        workers = list(getattr(iterator, "_workers", ()))
+        for worker in workers:
+            if worker.is_alive():
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(worker.pid, signal.SIGKILL)
+        for worker in workers:
+            worker.join(timeout=5)
+        with contextlib.suppress(Exception):
+            iterator._shutdown_workers()  # queues and the pin-memory thread; the workers are gone already
+    _live_iterators.clear()
+
+
+atexit.register(kill_workers)  # runs before multiprocessing's own exit handler, which would wait on them forever
+
+
+class Loader(DataLoader):
+    """A DataLoader whose worker processes `kill_workers` can reach (torch keeps them on its private iterator)."""
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        if getattr(iterator, "_workers", None):
+            _live_iterators.add(iterator)
+        return iterator
 
 
 def _worker_slot() -> tuple[int, int]:
@@ -120,7 +167,8 @@ class TrainStream(IterableDataset):
                 bad_in_a_row += 1
                 self.corrupt_log.record(sample, state.epoch)
                 if bad_in_a_row > self.plan.num_samples:
-                    raise DataError("no decodable image in the whole training split")
+                    raise DataError(f"no decodable image in the whole training split "
+                                    f"({len(self.plan.shards)} shards in {Path(self.plan.shards[0].path).parent})")
                 continue
             bad_in_a_row = 0
             torch.manual_seed(derive_seed(self.plan.seed, state.epoch, sample["__key__"]))
@@ -183,10 +231,10 @@ class EvalStream(IterableDataset):
 
 def make_loader(dataset: IterableDataset, *, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
     """Batches come ready-made from the dataset (batch_size=None); pinned only when there is a GPU to copy to."""
-    return DataLoader(
+    return Loader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
         prefetch_factor=prefetch_factor if num_workers else None,
-        worker_init_fn=_worker_ignores_preemption_signals if num_workers else None,
+        worker_init_fn=_init_worker if num_workers else None,
         multiprocessing_context="fork" if num_workers and os.name == "posix" else None,
     )
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from webdataset.filters import shuffle
@@ -40,29 +42,74 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def read_shard(shard: Shard, skip: int = 0) -> Iterator[RawSample]:
-    """The samples of one shard in file order (undecoded), after skipping the first `skip`."""
+def _reason(exc: BaseException) -> str:
+    """webdataset appends (stream, url) to an exception's args; keep the reason itself."""
+    first = exc.args[0] if exc.args else exc
+    return str(first).split(" @ <")[0] if isinstance(first, str) else str(exc)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One warning per shard and process (a worker reads a shard again every epoch)."""
+    if key not in _warned:
+        _warned.add(key)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def count_mismatch(shard: Shard, found: int) -> str:
+    return (f"shard {shard.path} holds {found} samples but dataset.json says {shard.num_samples}; "
+            f"check the dataset with: python -m data_tools verify {Path(shard.path).parent}")
+
+
+def read_shard(shard: Shard, skip: int = 0, *, exact: bool = True) -> Iterator[RawSample]:
+    """The samples of one shard in file order (undecoded), after skipping the first `skip`.
+
+    A shard holding fewer samples than dataset.json says is an error when `exact` (the epoch plan, and so exact
+    resume, is built on those counts), a warning otherwise."""
+    found = 0
     try:
         with open(shard.path, "rb") as stream:
             members = tar_file_expander([{"url": shard.path, "stream": stream}])
-            yield from itertools.islice(group_by_keys(members), skip, None)
+            for found, sample in enumerate(group_by_keys(members), 1):
+                if found > skip:
+                    yield sample
     except FileNotFoundError:
         raise DataError(f"missing shard {shard.path}") from None
     except (tarfile.TarError, OSError, ValueError) as exc:
-        raise DataError(f"shard {shard.path} is unreadable: {exc}") from None
+        raise DataError(f"shard {shard.path} is damaged ({_reason(exc)}); check the dataset with: "
+                        f"python -m data_tools verify {Path(shard.path).parent}") from None
+    if found < shard.num_samples:
+        if exact:
+            raise DataError(count_mismatch(shard, found))
+        warn_once(shard.path, count_mismatch(shard, found))
 
 
-def read_range(shards: list[Shard], start: int, stop: int) -> Iterator[RawSample]:
-    """Samples [start, stop) of the concatenation of `shards`, opening only the shards it touches."""
+def read_range(shards: list[Shard], start: int, stop: int, *, exact: bool = True) -> Iterator[RawSample]:
+    """Samples [start, stop) of the concatenation of `shards`, opening only the shards it touches. Where the range
+    reaches a shard's end, a sample beyond the count dataset.json gives is reported (it is never used)."""
     offset = 0
     for shard in shards:
         end = offset + shard.num_samples
         if end > start and offset < stop:
             skip = max(0, start - offset)
-            yield from itertools.islice(read_shard(shard, skip), min(stop, end) - max(start, offset))
+            samples = read_shard(shard, skip, exact=exact)
+            yield from itertools.islice(samples, min(stop, end) - max(start, offset))
+            if stop >= end and next(samples, None) is not None:
+                warn_once(shard.path, f"shard {shard.path} holds more samples than the {shard.num_samples} "
+                                      "dataset.json says; the extra ones are never read")
+            samples.close()
         offset = end
         if offset >= stop:
             return
+
+
+def no_samples(shards: tuple[Shard, ...] | list[Shard]) -> DataError:
+    where = Path(shards[0].path).parent if shards else "the dataset"
+    return DataError(f"the shards of {where} yield no samples at all although dataset.json lists "
+                     f"{sum(s.num_samples for s in shards)}; check the dataset with: python -m data_tools verify "
+                     f"{where}")
 
 
 @dataclass(frozen=True)
@@ -115,8 +162,12 @@ class StreamPlan:
         """Spare samples for slots that met corrupt images: the epoch's order from `start`, cyclically."""
         total = self.num_samples
         while True:
-            yield from read_range(order, start % total, total)
-            yield from read_range(order, 0, start % total)
+            produced = 0
+            for sample in itertools.chain(read_range(order, start % total, total), read_range(order, 0, start % total)):
+                produced += 1
+                yield sample
+            if not produced:  # a whole cycle without a sample would spin forever
+                raise no_samples(order)
 
     def _global(self, order: list[Shard], epoch: int, slot: int) -> Iterator[RawSample]:
         everything = itertools.chain(self._shuffled(read_range(order, 0, self.num_samples), epoch),
@@ -129,7 +180,14 @@ class StreamPlan:
         rng = random.Random(derive_seed(self.seed, "resample", epoch, slot))
 
         def draws() -> Iterator[RawSample]:
+            empty_in_a_row = 0
             while True:
-                yield from read_shard(rng.choice(self.shards))
+                produced = 0
+                for sample in read_shard(rng.choice(self.shards), exact=False):
+                    produced += 1
+                    yield sample
+                empty_in_a_row = 0 if produced else empty_in_a_row + 1
+                if empty_in_a_row > 10 * len(self.shards):  # every shard drawn, on average ten times, all empty
+                    raise no_samples(self.shards)
 
         return self._shuffled(draws(), epoch, slot)

@@ -31,11 +31,41 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(values) / world_size()
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+def all_reduce_max(values: torch.Tensor) -> list[float]:
+    """Element-wise maximum over ranks of a small float tensor, read back to the host (one collective)."""
+    values = values.to(torch.float64)
     if is_distributed() and world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+
+def all_true(flag: torch.Tensor) -> bool:
+    """Whether a boolean holds on every rank (one collective)."""
+    return all_reduce_max((~flag.reshape(1).bool()).to(torch.float64))[0] == 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (what rank 0 decided, everyone acts on)."""
+    if not is_distributed() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def abort() -> None:
+    """On the way out after an error: abort the process group so this process exits instead of waiting in a
+    collective or in the backend's destructor (NCCL); peers see the connection drop and fail too, at once (gloo
+    detects a closed connection; NCCL's watchdog aborts). Never raises."""
+    if not is_distributed():
+        return
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+    except Exception:  # gloo has no abort; nothing else may be left to clean up
+        pass
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,18 @@ class Engine:
         reported = self.ds.get_global_grad_norm()
         return float(reported) if reported is not None else norm
 
+    def last_grad_norm(self) -> torch.Tensor | float | None:
+        """The gradient norm DeepSpeed computed in the last step, as it keeps it: a device tensor (reading it would
+        sync), inf after a step it skipped for overflow, or None where it computes none (ZeRO-0)."""
+        return self.ds.get_global_grad_norm()
+
+    @torch.no_grad()
+    def local_weights_finite(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Whether this rank's fp32 master weights of `params` are all finite (a device bool; no sync)."""
+        pieces = [piece for _, piece in filter(None, self.master_pieces(params))]
+        flags = [torch.isfinite(piece).all() for piece in pieces if piece.numel()]
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
+
     def _stage0_grad_norm(self) -> float | None:
         # Without ZeRO, fp32 DeepSpeed steps a plain torch optimizer and reports no norm; grads are reduced here.
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
@@ -236,7 +248,8 @@ class Engine:
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Every rank must call this (each writes its own ZeRO partition)."""
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+        # `latest` is ours to write, once the tag is complete (checkpoint.mark_complete)
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, ckpt_dir: Path, tag: str | None = None) -> dict[str, Any] | None:
         """Restore weights, optimizer and scheduler state; returns our client state (None without a checkpoint)."""

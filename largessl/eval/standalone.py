@@ -72,18 +72,23 @@ def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_spl
     out = checkpoint / "eval" / f"knn_step{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    result["mlflow_run_id"] = _log_to_run(states, cfg, top1, step)
+    result["mlflow_run_id"] = _log_to_run(states, cfg, top1, step, checkpoint)
     return result
 
 
-def _log_to_run(states: dict, cfg: object, top1: float, step: int) -> str:
-    """Log knn_top1 at the checkpoint's step to the training run, when its MLflow run is known and reachable."""
-    run_id = states.get("mlflow_run_id")
-    if not run_id or not cfg.tracking.enabled:
+def _log_to_run(states: dict, cfg: object, top1: float, step: int, run_dir: Path) -> str:
+    """Log knn_top1 at the checkpoint's step to the training run, when its MLflow run is known and reachable: the
+    run RUN_DIR/mlflow_run.json names (a checkpoint saved while the store was down has no run id), else the
+    checkpoint's. Returns the run id, '' when not logged."""
+    if not cfg.tracking.enabled:
         return ""
-    from largessl.tracking import Tracker, resolve_uri
+    from largessl.tracking import Tracker, recorded_run
 
-    tracker = Tracker.attach(resolve_uri(cfg.tracking, states.get("tracking_uri", "")), run_id)
+    run_id, uri = recorded_run(cfg.tracking, run_dir, states.get("mlflow_run_id") or "",
+                               states.get("tracking_uri") or "")
+    if not run_id:
+        return ""
+    tracker = Tracker.attach(uri, run_id)
     tracker.log_metrics({"knn_top1": top1}, step)
     tracker.finish()
     return tracker.run_id

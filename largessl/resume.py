@@ -1,0 +1,62 @@
+"""Resuming a run: which checkpoint, whether it fits, and loading it into the engine and the teacher.
+
+Rank 0 chooses (checkpoint.choose_resume_tag: the newest complete tag that is not damaged, whatever `latest`
+says) and every rank loads what it chose. A run never silently starts over on top of its own checkpoints: when
+checkpoints exist but none can be read, it stops and says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from largessl import checkpoint
+from largessl.distributed import comm
+from largessl.errors import SharedError, UserError, one_line
+from largessl.progress import say
+from largessl.run_dir import RunDir
+
+
+def choose(run: RunDir, is_main: bool) -> checkpoint.Choice:
+    """Rank 0's choice of the tag to resume from, on every rank; rank 0 says what it passed over and why."""
+    choice = comm.broadcast_object(checkpoint.choose_resume_tag(run.ckpt_dir) if is_main else None)
+    if is_main:
+        for note in choice.notes:
+            say(f"checkpoints: {note}")
+    if choice.tag is None and choice.unusable:
+        raise SharedError(f"{run.ckpt_dir} holds checkpoints but none can be read ({'; '.join(choice.notes)}); "
+                          "refusing to start over on top of them: restore them, or move them away to start from "
+                          "scratch, or choose another run.name")
+    return choice
+
+
+def check_layout(run: RunDir, tag: str, zero_stage: int) -> None:
+    """A checkpoint loads only into the ZeRO stage that wrote it; say so in one line instead of DeepSpeed's error."""
+    written = checkpoint.read_marker(run.ckpt_dir / tag).get("zero_stage", run.previous_zero_stage())
+    if written is not None and int(written) != zero_stage:
+        raise SharedError(f"{run.ckpt_dir / tag} was written at ZeRO stage {written} and this run asks for "
+                          f"distributed.zero_stage={zero_stage}; DeepSpeed cannot load a checkpoint into another "
+                          f"stage: resume with distributed.zero_stage={written}, or choose another run.name")
+
+
+def load(engine: Any, teacher: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Weights, optimizer, teacher and the objective's extra state of `tag`; returns the client state."""
+    try:
+        client_state = engine.load(ckpt_dir, tag)
+        if client_state is None:
+            raise FileNotFoundError(ckpt_dir / tag)
+        if teacher:
+            teacher.load(ckpt_dir / tag)
+    except (RuntimeError, KeyError, ValueError, AssertionError, OSError) as exc:
+        raise UserError(f"cannot resume from {ckpt_dir / tag}: it does not fit this config "
+                        f"({one_line(exc)[:200]}); use another run.name to start a new run") from None
+    engine.module.load_extra_state(client_state.get("objective", {}))
+    return client_state
+
+
+def set_aside_damaged(run: RunDir, choice: checkpoint.Choice) -> None:
+    """Rank 0, after resuming from an older tag: rename the damaged newer ones so they are neither chosen nor
+    pruned into the count of kept checkpoints (and a re-save of their step does not meet their files)."""
+    for tag in choice.unusable:
+        moved = checkpoint.set_aside(run.ckpt_dir, tag)
+        say(f"checkpoints: moved the damaged {tag} to {moved}")
