@@ -189,6 +189,32 @@ def test_killing_torchrun_leaves_no_rank_and_the_rerun_resumes(mini_shards: Path
 # ----------------------------------------------------------------------------- the run lock, duplicate metrics
 
 
+def progress(run: Path) -> tuple[int, int]:
+    """(step of the newest checkpoint, last step in metrics.jsonl) of a run directory."""
+    latest = run / "checkpoints" / "latest"
+    saved = int(latest.read_text()[5:]) if latest.is_file() else 0
+    return saved, max(read_metrics(run), default=0)
+
+
+def kill_between_checkpoints(job: subprocess.Popen, run: Path) -> tuple[int, int]:
+    """SIGKILL a job at a moment when it has logged steps after its newest checkpoint: frozen first (SIGSTOP), so
+    what is on disk is what the kill leaves. Returns that (checkpoint step, last logged step)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        saved, logged = progress(run)
+        if saved and logged > saved:
+            os.killpg(job.pid, signal.SIGSTOP)
+            time.sleep(0.2)  # a write in flight lands
+            saved, logged = progress(run)
+            if logged > saved:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait(timeout=30)
+                return saved, logged
+            os.killpg(job.pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError("the job never logged a step after a checkpoint")
+
+
 def test_run_directory_is_locked_and_a_dead_holder_never_blocks(mini_shards: Path, tmp_path: Path) -> None:
     common = args(mini_shards, "locked", "trainer.max_steps=400", "trainer.log_every=1", "trainer.ckpt_every=3")
     first = start(common, tmp_path)
@@ -198,12 +224,8 @@ def test_run_directory_is_locked_and_a_dead_holder_never_blocks(mini_shards: Pat
     line = second.stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"largessl: error: run directory \S+locked is in use by pid {first.pid} on \S+, since .*; "
                         "wait for that job to end or choose another run.name", line), line
-    wait_for_line(first, r"^step \d*[147]/")  # just after the checkpoint of a step that is a multiple of 3
-    os.killpg(first.pid, signal.SIGKILL)  # a dead holder: its lock must not block the resume
-    first.wait(timeout=30)
     run = tmp_path / "runs" / "locked"
-    saved, logged = int((run / "checkpoints" / "latest").read_text()[5:]), max(read_metrics(run))
-    assert saved < logged, (saved, logged)  # steps after the checkpoint were logged: the resume logs them again
+    saved, logged = kill_between_checkpoints(first, run)  # a dead holder: its lock must not block the resume
     resumed = run_largessl([*common, f"trainer.max_steps={logged + 2}"], tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {saved})" in resumed.stdout, resumed.stdout[-2000:]

@@ -153,7 +153,10 @@ class Engine:
     @torch.no_grad()
     def local_weights_finite(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """Whether this rank's fp32 master weights of `params` are all finite (a device bool; no sync)."""
-        pieces = [piece for _, piece in filter(None, self.master_pieces(params))]
+        try:
+            pieces = [piece for _, piece in filter(None, self.master_pieces(params))]
+        except ConfigError:  # ZeRO-0's fused fp16 optimizer keeps no per-parameter masters: its copies tell as well
+            pieces = [p.detach().view(-1) for p in params]
         flags = [torch.isfinite(piece).all() for piece in pieces if piece.numel()]
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
 
