@@ -50,8 +50,10 @@ def decode_first_bad(value: float) -> int | None:
 
 
 def diverged(step: int, newest_checkpoint: str, what: str = "the loss or the gradient norm") -> DivergedError:
-    kept = (f"the newest checkpoint, {newest_checkpoint}, is from before it" if newest_checkpoint
-            else "no checkpoint was written")
-    return DivergedError(f"{what} was not finite (NaN or inf) at step {step}: training diverged and stopped; {kept}. "
-                         "Rerun to resume from that checkpoint after lowering optim.base_lr (or raising "
-                         "optim.warmup_steps, or setting optim.grad_clip)")
+    if newest_checkpoint:
+        kept = (f"the newest checkpoint, {newest_checkpoint}, is from before it. Rerun to resume from that "
+                "checkpoint")
+    else:
+        kept = "no checkpoint was written before it. Rerun to start again"
+    return DivergedError(f"{what} was not finite (NaN or inf) at step {step}: training diverged and stopped; {kept} "
+                         "after lowering optim.base_lr (or raising optim.warmup_steps, or setting optim.grad_clip)")
