@@ -157,7 +157,7 @@ class Engine:
             pieces = [piece for _, piece in filter(None, self.master_pieces(params))]
         except ConfigError:  # ZeRO-0's fused fp16 optimizer keeps no per-parameter masters: its copies tell as well
             pieces = [p.detach().view(-1) for p in params]
-        flags = [torch.isfinite(piece).all() for piece in pieces if piece.numel()]
+        flags = [torch.isfinite(piece).all().to(self.device) for piece in pieces if piece.numel()]  # offload: CPU
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
 
     def _stage0_grad_norm(self) -> float | None:
