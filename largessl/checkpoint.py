@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from largessl.files import write_atomic
+
 TAG = re.compile(r"step_(\d+)$")
 MARKER = "complete.json"
 
@@ -36,12 +38,6 @@ def tag_for(step: int) -> str:
 
 def step_of(tag: str) -> int:
     return int(TAG.match(tag)[1])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -69,10 +65,16 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     tag `latest` names counts as complete (DeepSpeed wrote `latest` after the files)."""
     tags = step_tags(ckpt_dir)
     marked = [t for t in tags if is_complete(ckpt_dir / t)]
-    if marked or any((ckpt_dir / t / MARKER).exists() for t in tags):
+    if marked:
         return marked
     legacy = latest_tag(ckpt_dir)
     return [legacy] if legacy else []
+
+
+def newest_complete(ckpt_dir: Path) -> str:
+    """The newest complete tag ('' when there is none)."""
+    tags = complete_tags(ckpt_dir)
+    return tags[0] if tags else ""
 
 
 # ----------------------------------------------------------------------------- writing

@@ -107,9 +107,10 @@ class RunDir:
                 others = [describe_holder(r) for r in _read_records(self.path / RANKS)]
                 return (f"run directory {self.path} is still used by a process of an earlier job "
                         f"({'; '.join(others) or 'unknown'}); it must end before this run can resume")
-            for handle, record in ((main, holder_record(0)), (ranks, holder_record(0))):
+            record = json.dumps(holder_record(0)) + "\n"
+            for handle in (main, ranks):
                 handle.truncate(0)
-                handle.write(json.dumps(record) + "\n")
+                handle.write(record)
                 handle.flush()
             fcntl.flock(ranks.fileno(), fcntl.LOCK_SH)
             return ""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from largessl import checkpoint, resume
+from largessl import checkpoint, checkpointing
 from largessl.config.load import dump_config
 from largessl.config.loader import flatten, to_dict
 from largessl.config.schema import PretrainConfig
@@ -29,7 +29,7 @@ from largessl.data.transforms import EvalTransform
 from largessl.distributed import comm
 from largessl.distributed.ema import EMATeacher
 from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
-from largessl.errors import ConfigError, SharedError, UserError, is_lost_peer, one_line
+from largessl.errors import ConfigError, SharedError, UserError
 from largessl.eval.knn import extract_features, knn_top1
 from largessl.health import FiniteGuard, decode_first_bad, diverged
 from largessl.lifecycle import StopSignals
@@ -160,15 +160,15 @@ class Trainer:
         return teacher
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
-        choice = resume.choose(self.run, self.env.is_main)
+        choice = checkpointing.choose(self.run, self.env.is_main)
         if choice.tag is None:
             if self.teacher:
                 self.teacher.initialize()  # teacher = student
             return None
-        resume.check_layout(self.run, choice.tag, self.cfg.distributed.zero_stage)
-        client_state = resume.load(self.engine, self.teacher, self.ckpt_dir, choice.tag)
+        checkpointing.check_layout(self.run, choice.tag, self.cfg.distributed.zero_stage)
+        client_state = checkpointing.load(self.engine, self.teacher, self.ckpt_dir, choice.tag)
         if self.env.is_main:
-            resume.set_aside_damaged(self.run, choice)
+            checkpointing.set_aside_damaged(self.run, choice)
             say(f"resumed from {self.ckpt_dir / choice.tag} (step {client_state['step']})")
         return client_state
 
@@ -357,45 +357,12 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """A checkpoint of this step, on every rank; refused when the weights are not finite. The tag is complete
-        (and `latest` names it) only once every rank has written its part."""
-        params = [p for p in self.engine.module.parameters() if p.requires_grad]
-        finite = self.engine.local_weights_finite(params)
-        if self.teacher:
-            finite = finite & torch.isfinite(self.teacher.flat).all()
-        if not comm.all_true(finite):
-            raise diverged(self.step, self._newest_checkpoint(), "the weights")
-        tag = checkpoint.tag_for(self.step)
-        try:
-            self._write_checkpoint(tag)
-        except (OSError, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and is_lost_peer(exc):
-                raise
-            raise UserError(f"cannot write the checkpoint {self.ckpt_dir / tag} ({one_line(exc)[:300]}); the "
-                            "checkpoints before it are kept: make room or fix the permissions, then rerun the same "
-                            "command to resume") from None
-        if self.env.is_main:
-            checkpoint.prune(self.ckpt_dir, self.cfg.trainer.keep_last)
-        comm.barrier()
-
-    def _write_checkpoint(self, tag: str) -> None:
-        tag_dir = self.ckpt_dir / tag
-        if self.env.is_main:
-            tag_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.begin_save(tag_dir)
-        comm.barrier()
-        if self.teacher:  # in the tag directory before it is marked complete
-            self.teacher.save(tag_dir)
-        self.engine.save(self.ckpt_dir, tag, self.client_state())
-        comm.barrier()
-        if self.env.is_main:
-            checkpoint.mark_complete(self.ckpt_dir, tag, {"zero_stage": self.cfg.distributed.zero_stage,
-                                                          "world_size": self.env.world_size,
-                                                          "precision": self.cfg.distributed.precision})
-
-    def _newest_checkpoint(self) -> str:
-        tags = checkpoint.complete_tags(self.ckpt_dir)
-        return tags[0] if tags else ""
+        """A checkpoint of this step, on every rank (checkpointing.save: refused when the weights are not finite;
+        complete, and named by `latest`, only once every rank has written its part)."""
+        checkpointing.save(self.engine, self.teacher, self.run, self.step, self.client_state,
+                           layout={"zero_stage": self.cfg.distributed.zero_stage, "world_size": self.env.world_size,
+                                   "precision": self.cfg.distributed.precision},
+                           keep_last=self.cfg.trainer.keep_last, is_main=self.env.is_main)
 
     def _check(self, due: bool) -> bool:
         """Whether to stop for a signal; raises when any rank's loss or gradient norm went non-finite. All ranks
@@ -408,7 +375,7 @@ class Trainer:
             self.guard.encoded()]))
         first_bad = decode_first_bad(bad)
         if first_bad is not None:
-            raise diverged(first_bad, self._newest_checkpoint())
+            raise diverged(first_bad, checkpoint.newest_complete(self.ckpt_dir))
         return stop > 0
 
     def _on_signal(self, signum: int, _frame: Any) -> None:

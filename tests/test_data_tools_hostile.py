@@ -230,7 +230,7 @@ def test_gzip_bomb_member_is_rejected_with_bounded_memory_and_disk(tmp_path: Pat
     spill = tmp_path / "spill"
     growth, stdout = subprocess_peak_rss_growth(
         "from pathlib import Path\n"
-        "from data_tools.sources import Container, index_container\n"
+        "from data_tools.tars import Container, index_container\n"
         f"path = {str(bomb)!r}\n"
         "container = Container('n00000001', 'n00000001.tar.gz', path, 0, Path(path).stat().st_size)\n"
         f"print(index_container(container, Path({str(spill)!r}), max_gunzip_bytes=1 << 30))")

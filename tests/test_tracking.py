@@ -22,10 +22,9 @@ from typing import Any
 import pytest
 from conftest import free_port
 
-from largessl import tracking
 from largessl.config.schema import TrackingConfig
 from largessl.errors import ConfigError
-from largessl.tracking import NullTracker, Tracker, check_store, resolve_uri
+from largessl.tracking import NullTracker, Tracker, check_store, delivery, resolve_uri
 
 PARAMS = {f"group.p{i:03d}": i for i in range(150)}  # more than one log_batch of params (100 per call)
 TAGS = {"method": "mae", "slurm_job_id": ""}  # empty tags are not set
@@ -130,9 +129,9 @@ def _replies(upstream: socket.socket, client: socket.socket, losing: threading.E
 def quick(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Retries every 0.1-0.5 s, mlflow_run.json kept up to date every 0.2 s, 2 s HTTP timeouts; the working
     directory (where MLflow's default store would go) is the test's own."""
-    monkeypatch.setattr(tracking, "RETRY_INITIAL_S", 0.1)
-    monkeypatch.setattr(tracking, "RETRY_MAX_S", 0.5)
-    monkeypatch.setattr(tracking, "STATE_EVERY_S", 0.2)
+    monkeypatch.setattr(delivery, "RETRY_INITIAL_S", 0.1)
+    monkeypatch.setattr(delivery, "RETRY_MAX_S", 0.5)
+    monkeypatch.setattr(delivery, "STATE_EVERY_S", 0.2)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -106,8 +106,7 @@ def kill_workers() -> None:
         workers = list(getattr(iterator, "_workers", ()))
         for worker in workers:
             if worker.is_alive():
-                with contextlib.suppress(ProcessLookupError, TypeError):
-                    os.kill(worker.pid, signal.SIGKILL)
+                worker.kill()
         for worker in workers:
             worker.join(timeout=5)
         with contextlib.suppress(Exception):

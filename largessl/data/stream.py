@@ -58,9 +58,13 @@ def warn_once(key: str, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def verify_hint(shards: tuple[Shard, ...] | list[Shard]) -> str:
+    """What to run on the dataset the shards come from."""
+    return f"check the dataset with: python -m data_tools verify {Path(shards[0].path).parent}"
+
+
 def count_mismatch(shard: Shard, found: int) -> str:
-    return (f"shard {shard.path} holds {found} samples but dataset.json says {shard.num_samples}; "
-            f"check the dataset with: python -m data_tools verify {Path(shard.path).parent}")
+    return f"shard {shard.path} holds {found} samples but dataset.json says {shard.num_samples}; {verify_hint([shard])}"
 
 
 def read_shard(shard: Shard, skip: int = 0, *, exact: bool = True) -> Iterator[RawSample]:
@@ -78,8 +82,7 @@ def read_shard(shard: Shard, skip: int = 0, *, exact: bool = True) -> Iterator[R
     except FileNotFoundError:
         raise DataError(f"missing shard {shard.path}") from None
     except (tarfile.TarError, OSError, ValueError) as exc:
-        raise DataError(f"shard {shard.path} is damaged ({_reason(exc)}); check the dataset with: "
-                        f"python -m data_tools verify {Path(shard.path).parent}") from None
+        raise DataError(f"shard {shard.path} is damaged ({_reason(exc)}); {verify_hint([shard])}") from None
     if found < shard.num_samples:
         if exact:
             raise DataError(count_mismatch(shard, found))
@@ -106,10 +109,8 @@ def read_range(shards: list[Shard], start: int, stop: int, *, exact: bool = True
 
 
 def no_samples(shards: tuple[Shard, ...] | list[Shard]) -> DataError:
-    where = Path(shards[0].path).parent if shards else "the dataset"
-    return DataError(f"the shards of {where} yield no samples at all although dataset.json lists "
-                     f"{sum(s.num_samples for s in shards)}; check the dataset with: python -m data_tools verify "
-                     f"{where}")
+    return DataError(f"the shards of {Path(shards[0].path).parent} yield no samples at all although dataset.json "
+                     f"lists {sum(s.num_samples for s in shards)}; {verify_hint(shards)}")
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ class Engine:
         self.ds.step()
         if not want_norm:
             return None
-        reported = self.ds.get_global_grad_norm()
+        reported = self.last_grad_norm()
         return float(reported) if reported is not None else norm
 
     def last_grad_norm(self) -> torch.Tensor | float | None:

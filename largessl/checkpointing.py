@@ -1,20 +1,66 @@
-"""Resuming a run: which checkpoint, whether it fits, and loading it into the engine and the teacher.
+"""Saving and resuming a run, as every rank does it (checkpoint.py is the files on disk, without a process group).
 
-Rank 0 chooses (checkpoint.choose_resume_tag: the newest complete tag that is not damaged, whatever `latest`
-says) and every rank loads what it chose. A run never silently starts over on top of its own checkpoints: when
-checkpoints exist but none can be read, it stops and says so.
+Saving: refused when any rank's weights are not finite; rank 0 marks the tag incomplete, every rank writes its
+part, and only then does rank 0 mark it complete and point `latest` at it (then prunes).
+
+Resuming: rank 0 chooses (checkpoint.choose_resume_tag: the newest complete tag that is not damaged, whatever
+`latest` says) and every rank loads what it chose. A run never silently starts over on top of its own
+checkpoints: when checkpoints exist but none can be read, it stops and says so.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from largessl import checkpoint
 from largessl.distributed import comm
-from largessl.errors import SharedError, UserError, one_line
+from largessl.errors import SharedError, UserError, is_lost_peer, one_line
+from largessl.health import diverged
 from largessl.progress import say
 from largessl.run_dir import RunDir
+
+
+def save(engine: Any, teacher: Any, run: RunDir, step: int, client_state: Callable[[], dict[str, Any]], *,
+         layout: dict[str, Any], keep_last: int, is_main: bool) -> None:
+    """The checkpoint of `step`, on every rank; refused (DivergedError) when any rank's weights are not finite, and
+    one line (UserError) when it cannot be written. `layout` goes into complete.json."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    finite = engine.local_weights_finite(params)
+    if teacher:
+        finite = finite & torch.isfinite(teacher.flat).all()
+    if not comm.all_true(finite):
+        raise diverged(step, checkpoint.newest_complete(run.ckpt_dir), "the weights")
+    tag = checkpoint.tag_for(step)
+    try:
+        _write(engine, teacher, run.ckpt_dir, tag, client_state, layout, is_main)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and is_lost_peer(exc):
+            raise
+        raise UserError(f"cannot write the checkpoint {run.ckpt_dir / tag} ({one_line(exc)[:300]}); the "
+                        "checkpoints before it are kept: make room or fix the permissions, then rerun the same "
+                        "command to resume") from None
+    if is_main:
+        checkpoint.prune(run.ckpt_dir, keep_last)
+    comm.barrier()
+
+
+def _write(engine: Any, teacher: Any, ckpt_dir: Path, tag: str, client_state: Callable[[], dict[str, Any]],
+           layout: dict[str, Any], is_main: bool) -> None:
+    tag_dir = ckpt_dir / tag
+    if is_main:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.begin_save(tag_dir)
+    comm.barrier()
+    if teacher:  # in the tag directory before it is marked complete
+        teacher.save(tag_dir)
+    engine.save(ckpt_dir, tag, client_state())
+    comm.barrier()
+    if is_main:
+        checkpoint.mark_complete(ckpt_dir, tag, layout)
 
 
 def choose(run: RunDir, is_main: bool) -> checkpoint.Choice:
