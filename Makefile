@@ -16,8 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "installing torch, DeepSpeed, timm, webdataset, MLflow into $(VENV) (a few minutes)"
 	$(PY) -m pip install --quiet $(TORCH_PINS) -e ".[dev]"
-	@echo "building DeepSpeed's CPU communication op (once, about a minute)"
-	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	DS_ACCELERATOR=cpu $(PY) -m largessl.distributed.ops
 	touch $@
 
 # Shards from the bundled images, a few hundred MAE steps of ViT-Tiny on CPU through DeepSpeed, k-NN.
@@ -29,7 +28,7 @@ demo: install
 	$(VENV)/bin/largessl eval knn --checkpoint runs/demo --train $(DEMO_SHARDS) --val $(DEMO_SHARDS)
 	@echo ""
 	@echo "run directory: runs/demo (config.yaml, checkpoints/, metrics.jsonl, eval/)"
-	@echo "MLflow UI:     $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
+	@echo "MLflow UI:     $(abspath $(VENV))/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
 
 test: install
 	$(PY) -m pytest -q

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_tools.errors import ToolError
+from data_tools.errors import PROG, ToolError
 from data_tools.images import Rejected, prepare
 from data_tools.limits import DEFAULT_MAX_GUNZIP_BYTES, DEFAULT_MAX_PIXELS
 from data_tools.plan import (
@@ -93,23 +93,22 @@ def run(conv: Conversion) -> int:
     if state is None and already_complete(conv):
         return 0
     conv.work.mkdir(parents=True, exist_ok=True)
-    with worker_pool(conv.workers) as (pool, counter):
-        try:
-            scan = load_or_scan(conv, pool)
-            classes, excluded = class_list(scan, list(conv.options.classes) if conv.options.classes else None)
-            check_classes(conv, scan, classes)
-        except ToolError:
-            if state is None:  # nothing of this conversion exists yet: leave OUT as it was
-                shutil.rmtree(conv.work)
-                remove_if_empty(conv.out / WORK_DIR)
-            raise
-        if state is None:
-            state = new_state(conv, scan, classes)
-        plans = plan_shards(conv, scan, classes, state["per_shard"])
-        done = finished_shards(conv, plans)
-        remove_stale_temporaries(conv)
-        pending = [p for p in plans if p.file not in done]
-        writing = write_pending(conv, pool, counter, scan, pending, done)
+    try:
+        scan = load_or_scan(conv)
+        classes, excluded = class_list(scan, list(conv.options.classes) if conv.options.classes else None)
+        check_classes(conv, scan, classes)
+    except ToolError:
+        if state is None:  # nothing of this conversion exists yet: leave OUT as it was
+            shutil.rmtree(conv.work)
+            remove_if_empty(conv.out / WORK_DIR)
+        raise
+    if state is None:
+        state = new_state(conv, scan, classes)
+    plans = plan_shards(conv, scan, classes, state["per_shard"], equal=state.get("layout", "equal") == "equal")
+    done = finished_shards(conv, plans)
+    remove_stale_temporaries(conv)
+    pending = [p for p in plans if p.file not in done]
+    writing = write_pending(conv, scan, pending, done)
     code = finish(conv, scan, classes, excluded, plans, done, state["created"])
     images, workers = sum(len(p.items) for p in pending), min(conv.workers, len(pending)) or 1
     print(f"{images:,} images in {duration(time.monotonic() - start)}; writing shards: {images / writing:,.0f} "
@@ -196,7 +195,11 @@ def refuse_foreign_shards(conv: Conversion) -> None:
 def new_state(conv: Conversion, scan: Scan, classes: list[str]) -> dict:
     options = conv.options
     per_shard = options.samples_per_shard or per_shard_for_bytes(options.shard_bytes, mean_output_bytes(conv, scan))
-    state = {"record": conv.record(), "created": utc_now(), "per_shard": per_shard}
+    # layout "exact" (--samples-per-shard): per_shard samples per shard, the rest in the last; "equal"
+    # (--shard-bytes): equal counts. A plan.json without "layout" was written before --samples-per-shard meant
+    # exact counts: its conversion resumes with the equal cut its finished shards were written with.
+    layout = "exact" if options.samples_per_shard else "equal"
+    state = {"record": conv.record(), "created": utc_now(), "per_shard": per_shard, "layout": layout}
     write_json(conv.work / "plan.json", state)
     return state
 
@@ -223,7 +226,7 @@ def mean_output_bytes(conv: Conversion, scan: Scan, probe: int = 64) -> float:
     return sum(sizes) / len(sizes) if sizes else 1.0
 
 
-def load_or_scan(conv: Conversion, pool) -> Scan:
+def load_or_scan(conv: Conversion) -> Scan:
     path = conv.work / "scan.jsonl.gz"
     if path.is_file():
         return Scan.load(path)
@@ -236,15 +239,16 @@ def load_or_scan(conv: Conversion, pool) -> Scan:
             progress.total = total
             progress.update(done)
 
-        scan = scan_imagenet22k(conv.src, conv.work / "gunzipped", pool, report,
-                                follow_symlinks=conv.options.follow_symlinks,
-                                max_gunzip_bytes=conv.options.max_gunzip_bytes)
+        with worker_pool(conv.workers, images=False) as (pool, _):  # reading tar headers: no torch
+            scan = scan_imagenet22k(conv.src, conv.work / "gunzipped", pool, report,
+                                    follow_symlinks=conv.options.follow_symlinks,
+                                    max_gunzip_bytes=conv.options.max_gunzip_bytes)
         progress.close()
     scan.save(path)
     return scan
 
 
-def plan_shards(conv: Conversion, scan: Scan, classes: list[str], per_shard: int) -> list[ShardPlan]:
+def plan_shards(conv: Conversion, scan: Scan, classes: list[str], per_shard: int, *, equal: bool) -> list[ShardPlan]:
     by_class = items_by_class(scan, classes)
     if conv.command == "imagefolder":
         splits = {conv.split: [item for wnid in sorted(by_class) for item in by_class[wnid]]}
@@ -252,7 +256,7 @@ def plan_shards(conv: Conversion, scan: Scan, classes: list[str], per_shard: int
         train, val = hold_out(by_class, conv.options.val_per_class, conv.options.seed)
         splits = {"train": train, "val": val} if conv.options.val_per_class else {"train": train}
     return [shard for split, items in splits.items()
-            for shard in cut_into_shards(split, shuffled(items, conv.options.seed, split), per_shard)]
+            for shard in cut_into_shards(split, shuffled(items, conv.options.seed, split), per_shard, equal=equal)]
 
 
 def finished_shards(conv: Conversion, plans: list[ShardPlan]) -> dict[str, dict]:
@@ -297,10 +301,16 @@ def shard_task(conv: Conversion, scan: Scan, plan: ShardPlan) -> tuple:
     return str(conv.out / plan.file), plan.split, items, options.max_size, options.quality, options.max_pixels
 
 
-def write_pending(conv: Conversion, pool, counter, scan: Scan, pending: list[ShardPlan], done: dict) -> float:
-    """Write the pending shards in parallel, recording each as it completes; returns the seconds it took."""
+def write_pending(conv: Conversion, scan: Scan, pending: list[ShardPlan], done: dict) -> float:
+    """Write the pending shards in parallel, recording each as it completes; returns the seconds it took. The pool
+    (and with it torch) starts only here, once every check of the input has passed."""
     if not pending:
         return float("inf")
+    with worker_pool(conv.workers) as (pool, counter):
+        return _write_pending(conv, pool, counter, scan, pending, done)
+
+
+def _write_pending(conv: Conversion, pool, counter, scan: Scan, pending: list[ShardPlan], done: dict) -> float:
     if len(pending) < conv.workers:
         print(f"note: {len(pending)} shard(s) to write for {conv.workers} workers; a worker writes one shard at a "
               f"time, so smaller shards (--shard-bytes, --samples-per-shard) would use more cores", file=sys.stderr)
@@ -386,7 +396,7 @@ def summarize(conv: Conversion, plans: list[ShardPlan], done: dict, rejects: lis
              if rejects else ""))
     fraction = len(counted) / max(1, written + len(counted))
     if fraction > conv.max_reject_fraction:
-        print(f"error: {fraction:.2%} of the inputs were rejected, more than --max-reject-fraction "
+        print(f"{PROG}: error: {fraction:.2%} of the inputs were rejected, more than --max-reject-fraction "
               f"{conv.max_reject_fraction:g}; the dataset is written, check rejected.jsonl", file=sys.stderr)
         return 1
     return 0

@@ -13,7 +13,6 @@ import io
 import math
 from dataclasses import dataclass
 
-import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_tools.limits import DEFAULT_MAX_PIXELS
@@ -115,6 +114,8 @@ def shrink_short_side(image: Image.Image, max_size: int) -> Image.Image:
     width, height = image.size
     if min(width, height) <= max_size:
         return image
+    import torchvision.transforms.v2.functional as F  # here: torch is for resizing only (see writing.worker_pool)
+
     scale = max_size / min(width, height)
     size = (max_size, max(1, round(height * scale))) if width <= height else (max(1, round(width * scale)), max_size)
     # torchvision's antialiased bicubic on uint8 matches Pillow's filter and runs about 6x faster on x86 (SIMD)

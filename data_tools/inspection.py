@@ -8,13 +8,15 @@ import statistics
 import tarfile
 from collections import Counter
 from pathlib import Path
-
-from PIL import Image, ImageDraw, ImageOps
+from typing import TYPE_CHECKING
 
 from data_tools.errors import ToolError
 from data_tools.parallel import process_context
 from data_tools.progress import human_bytes
 from data_tools.shards import read_index, shard_path
+
+if TYPE_CHECKING:  # PIL is imported where images are drawn: a bad OUT is reported before it is loaded
+    from PIL import Image
 
 THUMB = 160
 CAPTION = 14
@@ -117,6 +119,8 @@ def print_histogram(histogram: Counter, classes: list[str]) -> None:
 
 def contact_sheet(paths: list[Path], classes: list[str], samples: int, seed: int) -> Image.Image:
     """A grid of random samples (from a few random shards), each captioned `index wnid`."""
+    from PIL import Image, ImageDraw
+
     rng = random.Random(seed)
     chosen = rng.sample(paths, min(len(paths), 4))
     picks = [thumb for i, path in enumerate(chosen)
@@ -149,6 +153,8 @@ def read_thumbnails(path: Path, rng: random.Random, count: int, classes: list[st
 
 
 def thumbnail(jpeg: bytes | None) -> Image.Image:
+    from PIL import Image, ImageDraw, ImageOps
+
     try:
         with Image.open(io.BytesIO(jpeg or b"")) as image:
             image.draft("RGB", (THUMB, THUMB))

@@ -94,9 +94,13 @@ def shuffled(items: list[Item], seed: int, split: str) -> list[Item]:
     return items
 
 
-def cut_into_shards(split: str, items: list[Item], per_shard: int) -> list[ShardPlan]:
-    """Shards of equal size (within one sample), numbered in order."""
+def cut_into_shards(split: str, items: list[Item], per_shard: int, *, equal: bool) -> list[ShardPlan]:
+    """ceil(len(items) / per_shard) shards, numbered in order. `equal`: of equal size (within one sample), as
+    --shard-bytes plans them (its per_shard is an estimate from a mean size anyway); else exactly per_shard items
+    each with the remainder in the last, what --samples-per-shard promises."""
     count = max(1, math.ceil(len(items) / per_shard)) if items else 0
+    if not equal:
+        return [ShardPlan(split, shard_name(split, i), items[i * per_shard:(i + 1) * per_shard]) for i in range(count)]
     return [ShardPlan(split, shard_name(split, i), items[i * len(items) // count:(i + 1) * len(items) // count])
             for i in range(count)]
 

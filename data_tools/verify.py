@@ -17,8 +17,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-from PIL import Image
-
 from data_tools.errors import ToolError
 from data_tools.parallel import process_context
 from data_tools.progress import Progress
@@ -146,6 +144,8 @@ def check_sample(key: str, members: dict[str, bytes], num_classes: int, decode: 
         if not 0 <= label < num_classes:
             problems.append(f"sample {key} has label {members['cls'][:20]!r}, not in 0..{num_classes - 1}")
     if decode:
+        from PIL import Image  # here, not at module top: `verify` with a bad OUT reports before importing it
+
         try:
             json.loads(members["json"])
             with Image.open(io.BytesIO(members["jpg"])) as image:

@@ -9,8 +9,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from data_tools.images import Rejected, prepare
 from data_tools.parallel import process_context
 from data_tools.shards import ShardFile
@@ -19,15 +17,23 @@ from data_tools.sources import read_member
 
 class worker_pool:
     """A process pool whose workers die with the parent (so a killed conversion leaves no writer behind) and
-    share a counter of images processed, for the progress line."""
+    share a counter of images processed, for the progress line.
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
+    `images`: the workers write shards (webdataset) and resize (torchvision); torch is imported here, once,
+    before they fork and inherit it, each then limited to one thread. Not at module top, so that no argument
+    error and no refused SRC or OUT ever waits for torch; a pool that only reads tar headers never loads it."""
+
+    def __init__(self, workers: int, *, images: bool = True) -> None:
+        self.workers, self.images = workers, images
 
     def __enter__(self):
+        if self.images:
+            import torch  # noqa: F401
+            import torchvision.transforms.v2.functional  # noqa: F401
+
         context = process_context()
         self.counter = context.Value("q", 0)
-        self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=(self.counter,))
+        self.pool = context.Pool(self.workers, initializer=_init_worker, initargs=(self.counter, self.images))
         return self.pool, self.counter
 
     def __exit__(self, *exc) -> None:
@@ -41,11 +47,14 @@ class worker_pool:
 _counter = None
 
 
-def _init_worker(counter) -> None:
+def _init_worker(counter, images: bool) -> None:
     global _counter
     _counter = counter
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
+    if images:
+        import torch  # imported by worker_pool already: inherited with fork
+
+        torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
 

@@ -19,49 +19,88 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its meaning (when it has one); descriptions and epilogs keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or action.required:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> Parser:
-    parser = Parser(prog="largessl", description="Self-supervised ViT pretraining on DeepSpeed ZeRO.")
+    parser = Parser(prog="largessl", description="Self-supervised ViT pretraining on DeepSpeed ZeRO.",
+                    formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    pretrain = commands.add_parser("pretrain", help="pretrain an encoder (resumes the run if it exists)")
-    pretrain.add_argument("--config", required=True, help="shipped recipe name (e.g. debug/mae_vit_tiny) or YAML path")
-    pretrain.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
-    protocols = evaluate.add_subparsers(dest="protocol", required=True, parser_class=Parser)
-    knn = protocols.add_parser("knn", help="weighted k-NN accuracy of the encoder's [cls] features")
-    knn.add_argument("--checkpoint", required=True, type=Path, help="run directory (its latest checkpoint is used)")
-    knn.add_argument("--train", required=True, help="labelled dataset directory: the neighbours")
-    knn.add_argument("--val", required=True, help="labelled dataset directory: the queries")
-    knn.add_argument("--train-split", default="train")
-    knn.add_argument("--val-split", default="val")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--batch-size", type=int, default=128)
-    knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    add_pretrain(commands)
+    add_eval(commands)
     return parser
+
+
+def add_pretrain(commands: argparse._SubParsersAction) -> None:
+    from largessl.config.load import config_help
+
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain an encoder (resumes the run if it exists)", formatter_class=HelpFormatter,
+        description="Pretrain an encoder. Rerunning the same command (same run.output_dir and run.name) resumes\n"
+                    "the run from its newest complete checkpoint.", epilog=config_help())
+    pretrain.add_argument("--config", required=True, metavar="RECIPE",
+                          help="a shipped recipe (listed below) or the path of a YAML file")
+    pretrain.add_argument("overrides", nargs="*", metavar="section.key=value",
+                          help="config overrides, applied after the recipe")
+    pretrain.add_argument("--print-config", action="store_true",
+                          help="print the resolved config (every key, with its value) and exit")
+
+
+def add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint", formatter_class=HelpFormatter)
+    protocols = evaluate.add_subparsers(dest="protocol", required=True, parser_class=Parser)
+    knn = protocols.add_parser(
+        "knn", help="weighted k-NN accuracy of the encoder's [cls] features", formatter_class=HelpFormatter,
+        description="Weighted k-NN top-1 of a run's newest complete checkpoint (DINO's protocol; for DINO, of the\n"
+                    "teacher). Prints knn_top1 last, writes RUN_DIR/eval/knn_stepNNNNNNNN.json and logs knn_top1 to\n"
+                    "the run's MLflow run.")
+    knn.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR",
+                     help="run directory (its newest complete checkpoint is used)")
+    knn.add_argument("--train", required=True, metavar="DATASET", help="labelled dataset directory: the neighbours")
+    knn.add_argument("--val", required=True, metavar="DATASET", help="labelled dataset directory: the queries")
+    knn.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
+    knn.add_argument("--val-split", default="val", metavar="SPLIT", help="split of --val")
+    knn.add_argument("--k", type=int, default=20, metavar="N", help="neighbours that vote")
+    knn.add_argument("--temperature", type=float, default=0.07, metavar="T",
+                     help="votes are weighted by exp(cosine similarity / temperature)")
+    knn.add_argument("--batch-size", type=int, default=128, metavar="N", help="images per feature-extraction batch")
+    knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                     help="DataLoader worker processes (default: the cores, at most 8)")
 
 
 def pretrain(args: argparse.Namespace) -> int:
     from largessl.config.load import dump_config, load_config
     from largessl.lifecycle import die_with_launcher
+    from largessl.preflight import check_pretrain
 
     die_with_launcher()
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    check_pretrain(cfg)  # before torch is imported: a wrong path or batch size is said in a second
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run {Path(cfg.run.output_dir) / cfg.run.name}: loading PyTorch, DeepSpeed and timm", flush=True)
     from largessl.trainer import Trainer
 
     return Trainer(cfg).train()
 
 
 def eval_knn(args: argparse.Namespace) -> int:
+    from largessl.preflight import check_eval_knn
+
+    if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0 or args.num_workers < 0:
+        raise UserError("--k, --temperature and --batch-size must be > 0, --num-workers >= 0")
+    check_eval_knn(args.checkpoint, {"--train": (args.train, args.train_split), "--val": (args.val, args.val_split)})
     from largessl.eval.standalone import run_knn
 
-    if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0:
-        raise UserError("--k, --temperature and --batch-size must be > 0")
     result = run_knn(args.checkpoint, args.train, args.val, train_split=args.train_split, val_split=args.val_split,
                      k=args.k, temperature=args.temperature, batch_size=args.batch_size,
                      num_workers=args.num_workers)

@@ -12,42 +12,29 @@ from typing import Any
 
 import torch
 
-from largessl import checkpoint, checkpointing
+from largessl import checkpoint, checkpointing, rng
 from largessl.config.load import dump_config
 from largessl.config.loader import flatten, to_dict
 from largessl.config.schema import PretrainConfig
-from largessl.data import (
-    ReaderState,
-    build_eval_loader,
-    build_train_loader,
-    describe_plan,
-    open_split,
-    plan_training,
-)
-from largessl.data.loader import DataPosition, kill_workers
+from largessl.data.build import build_eval_loader, build_train_loader, describe_plan, plan_training
+from largessl.data.index import open_split
+from largessl.data.loader import DataPosition, ReaderState, kill_workers
 from largessl.data.transforms import EvalTransform
 from largessl.distributed import comm
 from largessl.distributed.ema import EMATeacher
 from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
-from largessl.errors import ConfigError, SharedError, UserError
+from largessl.errors import SharedError, UserError
 from largessl.eval.knn import extract_features, knn_top1
 from largessl.health import FiniteGuard, decode_first_bad, diverged
 from largessl.lifecycle import StopSignals
-from largessl.objectives import OBJECTIVES
-from largessl.optim import apply_schedules, build_param_groups
+from largessl.objectives import objective_class
+from largessl.optim.param_groups import build_param_groups
+from largessl.optim.schedules import apply_schedules
 from largessl.progress import Interval, peak_memory_gb, progress_line, say, sync
 from largessl.run_dir import RunDir
-from largessl.tracking import NullTracker, Tracker, check_store, git_commit
+from largessl.tracking import NullTracker, Tracker, browse_hint, check_store, git_commit
 
 STOP_CHECK_EVERY = 10
-
-
-def accumulation_steps(cfg: PretrainConfig, world_size: int) -> int:
-    per_step = cfg.data.micro_batch_size * world_size
-    if cfg.optim.global_batch_size % per_step:
-        raise ConfigError(f"optim.global_batch_size: {cfg.optim.global_batch_size} is not a multiple of "
-                          f"data.micro_batch_size x world size = {cfg.data.micro_batch_size} x {world_size}")
-    return cfg.optim.global_batch_size // per_step
 
 
 class Trainer:
@@ -59,6 +46,7 @@ class Trainer:
         self.run = RunDir(cfg.run.output_dir, cfg.run.name)
         self.run_dir, self.ckpt_dir = self.run.path, self.run.ckpt_dir
         self.env = init_distributed(cfg.distributed)
+        self.note(f"process group up: {self.env.world_size} rank(s) on {self.env.device.type}")
         self.tracker: NullTracker = NullTracker()
         self.closed = False
         self.step = 0
@@ -71,7 +59,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        self.accumulation = accumulation_steps(cfg, self.env.world_size)
+        self.accumulation = cfg.accumulation_steps(self.env.world_size)
         self.config_text = dump_config(cfg)
         self._take_run_dir()
         self.train_index = open_split(cfg.data.train, cfg.data.train_split, "data.train")
@@ -79,22 +67,38 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg.distributed, micro_batch=cfg.data.micro_batch_size,
                                           accumulation=self.accumulation, world_size=self.env.world_size,
                                           grad_clip=cfg.optim.grad_clip)
-        self.objective_cls = OBJECTIVES[cfg.objective.name]
-        checkpoint.seed_everything(cfg.trainer.seed)  # identical initial weights on every rank
+        self.objective_cls = objective_class(cfg.objective.name)
+        self.note(f"building {cfg.objective.name} on {cfg.model.name}"
+                  + (f", partitioned over {self.env.world_size} rank(s) (ZeRO-3)" if self.zero_stage == 3 else ""))
+        rng.seed_everything(cfg.trainer.seed)  # identical initial weights on every rank
         with model_init_context(self.ds_config):
             objective = self.objective_cls(cfg.objective, cfg.model)
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device)
+        self.note(f"DeepSpeed engine: ZeRO-{self.zero_stage}, {cfg.distributed.precision}, "
+                  f"{self.engine.num_parameters() / 1e6:.1f}M parameters; {cfg.optim.global_batch_size} images per "
+                  f"step = {cfg.data.micro_batch_size} x {self.accumulation} accumulation x {self.env.world_size} "
+                  "rank(s)")
         self.teacher = self._build_teacher()
         self.guard = FiniteGuard(self.env.device, grad_overflow_is_skipped=cfg.distributed.precision == "fp16")
-        checkpoint.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
+        rng.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
         client_state = self._load_checkpoint()  # before the run directory takes this config
         self._record_config()
         self.position = self._restore(client_state)
+        self.note(describe_plan(self.plan, self.train_index))
         self.batches = self._start_loader()  # workers fork before the tracker starts its thread
         self.tracker = self._start_tracking(client_state)
+        self.note(f"training from step {self.step} to {cfg.trainer.max_steps}; a progress line every "
+                  f"{cfg.trainer.log_every} steps")
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config["zero_optimization"]["stage"])
+
+    def note(self, message: str) -> None:
+        """A start-up line, from rank 0."""
         if self.env.is_main:
-            say(describe_plan(self.plan, self.train_index))
+            say(message)
 
     def _start_loader(self) -> Any:
         cfg = self.cfg
@@ -103,9 +107,9 @@ class Trainer:
             rank=self.env.rank, world_size=self.env.world_size, states=self.position.readers,
             rotation=self.position.micro_batches % max(1, cfg.data.num_workers),
             corrupt_log_path=str(self.run_dir / "corrupt_samples.jsonl"))
-        rng = torch.get_rng_state()
+        torch_rng = torch.get_rng_state()
         batches = iter(loader)  # draws a worker base seed from torch's RNG (unused: samples are seeded)
-        torch.set_rng_state(rng)  # so drop path continues a resumed run's random stream exactly
+        torch.set_rng_state(torch_rng)  # so drop path continues a resumed run's random stream exactly
         return batches
 
     def close(self, status: str) -> None:
@@ -162,6 +166,7 @@ class Trainer:
     def _load_checkpoint(self) -> dict[str, Any] | None:
         choice = checkpointing.choose(self.run, self.env.is_main)
         if choice.tag is None:
+            self.note(f"no checkpoint in {self.ckpt_dir}: a new run")
             if self.teacher:
                 self.teacher.initialize()  # teacher = student
             return None
@@ -181,7 +186,7 @@ class Trainer:
                        and client_state["num_workers"] == self.cfg.data.num_workers
                        and client_state["micro_batch_size"] == self.cfg.data.micro_batch_size)
         if same_layout:
-            checkpoint.restore_rng(client_state["rng"][self.env.rank])
+            rng.restore_rng(client_state["rng"][self.env.rank])
             return DataPosition.from_state_dict(client_state["data"][self.env.rank])
         fraction = float(client_state["epoch"]) % 1.0
         epoch = int(client_state["epoch"])
@@ -230,12 +235,14 @@ class Trainer:
     def _loop(self) -> int:
         cfg = self.cfg.trainer
         batches = self.batches
-        interval = Interval()
+        interval, first_step = Interval(), self.step + 1
         while self.step < cfg.max_steps:
             report = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
             terms, lr, wd, grad_norm = self.train_step(batches, want_norm=report)
             self.step += 1
             interval.add(terms)
+            if self.step == first_step and not report:
+                self.note(f"step {self.step}: {interval.step_time():.1f} s (the wait for the first batches included)")
             saving = self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps
             if report:
                 self._report(interval, lr, wd, grad_norm)
@@ -315,9 +322,8 @@ class Trainer:
 
     def knn_accuracy(self) -> float:
         """k-NN top-1 of the objective's eval encoder, computed by all ranks together (ZeRO-3 safe)."""
-        cfg, data = self.cfg.eval, self.cfg.data
-        train = open_split(cfg.knn_train or data.train, cfg.knn_train_split or data.train_split, "eval.knn_train")
-        val = open_split(cfg.knn_val or data.val, cfg.knn_val_split or data.val_split, "eval.knn_val")
+        cfg = self.cfg.eval
+        train, val = (open_split(root, split, key) for key, (root, split) in self.cfg.knn_datasets().items())
         module = self.engine.module
         encoder = module.eval_encoder()
         was_training = module.training
@@ -350,7 +356,7 @@ class Trainer:
             "num_workers": self.cfg.data.num_workers,
             "micro_batch_size": self.cfg.data.micro_batch_size,
             "data": comm.all_gather_object(self.position.state_dict()),
-            "rng": comm.all_gather_object(checkpoint.capture_rng()),
+            "rng": comm.all_gather_object(rng.capture_rng()),
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
             "objective": self.engine.module.extra_state(),
@@ -391,6 +397,5 @@ class Trainer:
             return
         say(f"done: {self.step} steps; run directory {self.run_dir}")
         if self.tracker.run_id:
-            say(f"MLflow run {self.tracker.run_id} in {self.tracker.uri}; browse it with: "
-                f"mlflow ui --backend-store-uri {self.tracker.uri}")
+            say(browse_hint(self.tracker.uri, self.tracker.run_id))
 

@@ -74,7 +74,7 @@ def mini_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def imagenette_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """../shared's Imagenette (9,469 train + 3,925 val JPEGs, 224 px), unpacked once per session."""
     if not IMAGENETTE_TAR.is_file():
-        pytest.skip(f"needs {IMAGENETTE_TAR}")
+        pytest.skip(f"needs the Imagenette test data {IMAGENETTE_TAR} (../shared beside the checkout; README)")
     out = tmp_path_factory.mktemp("imagenette")
     with tarfile.open(IMAGENETTE_TAR) as tar:
         tar.extractall(out, filter="data")

@@ -17,9 +17,10 @@ from largessl.distributed import comm
 from largessl.distributed.config import DistributedConfig
 from largessl.distributed.ema import EMATeacher, read_teacher_fp32
 from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
-from largessl.models import ModelConfig
+from largessl.models.config import ModelConfig
 from largessl.objectives.dino import DINO, DINOConfig
-from largessl.optim import OptimConfig, build_param_groups
+from largessl.optim.config import OptimConfig
+from largessl.optim.param_groups import build_param_groups
 
 stage, precision, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[4]
 momenta = [float(m) for m in sys.argv[3].split(",")]

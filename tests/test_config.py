@@ -55,10 +55,36 @@ def test_dino_recipes_resolve_with_the_papers_settings() -> None:
     ("trainer.max_step=10", "trainer.max_steps"),
     ("objective.mask_ration=0.5", "objective.mask_ratio"),
     ("data.micro_batch=4", "data.micro_batch_size"),
+    ("optm.base_lr=1e-3", "optim.base_lr"),  # a misspelt section: the closest full dotted key
+    ("trainr.max_steps=3", "trainer.max_steps"),
+    ("distributd.zero_stage=3", "distributed.zero_stage"),
 ])
 def test_unknown_key_names_the_closest_valid_key(override: str, closest: str) -> None:
     with pytest.raises(ConfigError, match=rf"unknown config key '{override.split('=')[0]}' \(did you mean '{closest}'"):
         load_config(DEBUG, [override])
+
+
+def test_a_key_of_another_objective_names_that_objective() -> None:
+    with pytest.raises(ConfigError, match=r"^objective.local_crops: a key of objective.name=dino; this config's "
+                                          "objective is mae"):
+        load_config(DEBUG, ["objective.local_crops=2"])
+    with pytest.raises(ConfigError, match=r"^objective.mask_ratio: a key of objective.name=mae"):
+        load_config("debug/dino_vit_tiny", ["objective.mask_ratio=0.5"])
+
+
+def test_unknown_key_without_a_close_one_suggests_nothing() -> None:
+    with pytest.raises(ConfigError, match=r"^unknown config key 'xyzzy.plugh'$"):
+        load_config(DEBUG, ["xyzzy.plugh=1"])
+
+
+def test_loading_a_config_imports_no_torch() -> None:
+    probe = ("import sys\nfrom largessl.config.load import dump_config, load_config\n"
+             "for name in ('debug/mae_vit_tiny', 'pretrain/dino_vitb16'):\n"
+             "    dump_config(load_config(name, ['data.train=/x']))\n"
+             "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'deepspeed', 'numpy', 'PIL') "
+             "if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_unknown_key_in_yaml(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ import torch
 from conftest import CLASSES, uneven_dataset
 
 from data_tools.shards import write_index
-from largessl.data import DataConfig, build_eval_loader, build_train_loader, open_split, plan_training
+from largessl.data.build import build_eval_loader, build_train_loader, plan_training
+from largessl.data.config import DataConfig
+from largessl.data.index import open_split
 from largessl.data.loader import CorruptLog, DataPosition, EvalStream, TrainStream
 from largessl.data.stream import StreamPlan
 from largessl.data.transforms import EvalTransform, MAETransform

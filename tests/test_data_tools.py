@@ -180,7 +180,7 @@ def test_imagenette_end_to_end(imagenette_shards: Path, imagenette_dir: Path) ->
             assert (stored.format, stored.mode, stored.size) == ("JPEG", "RGB", image.size), source
     assert converted == 242
     counts = [s["num_samples"] for s in index["splits"]["train"]["shards"]]
-    assert len(counts) == 10 and max(counts) - min(counts) <= 1  # 9,469 in 10 equal shards of at most 1,000
+    assert counts == [1000] * 9 + [469]  # --samples-per-shard 1000: exactly 1,000 a shard, the rest in the last
 
 
 def test_every_shard_mixes_all_classes(mini_shards: Path) -> None:

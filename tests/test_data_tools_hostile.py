@@ -27,11 +27,12 @@ from tests.test_data_tools import add_member, convert, mini_files, read_samples,
 
 
 def one_error_line(capsys: pytest.CaptureFixture) -> str:
-    """The single `error: ...` line a failed command printed on stderr, last (after any progress lines)."""
+    """The single `python -m data_tools: error: ...` line a failed command printed on stderr, last (after any
+    progress lines)."""
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert "Traceback" not in err and len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
-    assert errors[0].startswith("error: "), err
+    assert errors[0].startswith("python -m data_tools: error: "), err
     return errors[0]
 
 

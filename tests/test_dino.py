@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
-from largessl.models import ModelConfig, ViTEncoder
+from largessl.models.config import ModelConfig
 from largessl.models.dino_head import DINOHead
+from largessl.models.vit import ViTEncoder
 from largessl.objectives.dino import DINO, DINOConfig, crop_major, dino_loss, updated_center
-from largessl.optim import OptimConfig, apply_schedules, build_param_groups
-from largessl.optim.schedules import cosine, linear_warmup, weight_decay_at
+from largessl.optim.config import OptimConfig
+from largessl.optim.param_groups import build_param_groups
+from largessl.optim.schedules import apply_schedules, cosine, linear_warmup, weight_decay_at
 
 TINY = ModelConfig(name="vit_tiny_patch16", image_size=32)
 

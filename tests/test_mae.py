@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from largessl.models import ModelConfig
+from largessl.models.config import ModelConfig
 from largessl.objectives.mae import MAE, MAEConfig, patchify, random_masking
-from largessl.optim import OptimConfig, build_param_groups, warmup_cosine
+from largessl.optim.config import OptimConfig
+from largessl.optim.param_groups import build_param_groups
+from largessl.optim.schedules import warmup_cosine
 
 
 def test_masking_invariants() -> None:

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from largessl.models import ModelConfig, ViTEncoder
+from largessl.models.config import ModelConfig
 from largessl.models.pos_embed import sincos_2d
+from largessl.models.vit import ViTEncoder
 
 
 @pytest.mark.parametrize(("name", "millions"), [

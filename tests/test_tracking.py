@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from conftest import free_port
 
 from largessl.config.schema import TrackingConfig
 from largessl.errors import ConfigError
-from largessl.tracking import NullTracker, Tracker, check_store, delivery, resolve_uri
+from largessl.tracking import NullTracker, Tracker, browse_hint, check_store, delivery, resolve_uri
 
 PARAMS = {f"group.p{i:03d}": i for i in range(150)}  # more than one log_batch of params (100 per call)
 TAGS = {"method": "mae", "slurm_job_id": ""}  # empty tags are not set
@@ -505,6 +506,8 @@ def test_a_store_that_fails_after_check_store_stalls_nothing_and_raises_nothing(
     assert f"sqlite:///{locked}/mlflow.db cannot be written" in err and "2 metric records" in err
     assert [r["step"] for r in lines(run_dir)] == [1, 2]
 
+    import mlflow.tracking  # noqa: F401  # the thread's first MLflow import (2 s on 2 cores) is not what is timed
+
     garbage = tmp_path / "garbage.db"  # writable, but not a database: SQLite only finds out when it reads it
     garbage.write_bytes(b"not a database" * 100)
     cfg = TrackingConfig(uri=f"sqlite:///{garbage}", flush_timeout_s=1)
@@ -515,6 +518,76 @@ def test_a_store_that_fails_after_check_store_stalls_nothing_and_raises_nothing(
     err = capsys.readouterr().err
     assert "failed" in err and "3 metric records" in err
     assert [r["step"] for r in lines(tmp_path / "run2")] == [1, 2, 3]
+
+
+def kind(uri: str, experiment: str) -> str | None:
+    return client(uri).get_experiment_by_name(experiment).tags.get("mlflow.experimentKind")
+
+
+def test_experiments_are_model_training_experiments_unless_they_have_a_kind(tmp_path: Path, capsys: Capture) -> None:
+    """MLflow 3's UI shows an experiment without mlflow.experimentKind as a GenAI one (no metric columns)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow = client(uri)
+    mlflow.create_experiment("old")  # as an earlier largessl created it
+    mlflow.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    for experiment in ("new", "old", "genai"):
+        job = start(tmp_path / experiment, TrackingConfig(uri=uri, experiment=experiment), resume_step=0)
+        log_steps(job, range(1, 3))
+        job.finish()
+        assert history(uri, job.run_id) == [(1, 1.0), (2, 2.0)]
+    assert [kind(uri, e) for e in ("new", "old", "genai")] == [
+        "custom_model_development", "custom_model_development", "genai_development"]
+    mlflow.delete_experiment_tag(mlflow.get_experiment_by_name("old").experiment_id, "mlflow.experimentKind")
+    resumed = start(tmp_path / "old", TrackingConfig(uri=uri, experiment="old"), resume_step=2)
+    resumed.finish()  # continues its run: the run's experiment gets the tag too
+    assert kind(uri, "old") == "custom_model_development"
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_a_failure_to_tag_the_experiment_is_said_once_and_the_run_goes_on(
+        tmp_path: Path, capsys: Capture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    def fail(*_args: object) -> None:
+        raise MlflowException("tags are read-only here")  # INTERNAL_ERROR: neither a refusal nor an outage
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client(uri).create_experiment("untagged")
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", fail)
+    job = start(tmp_path / "run", TrackingConfig(uri=uri, experiment="untagged", flush_timeout_s=30), resume_step=0)
+    log_steps(job, range(1, 4))
+    assert timed(lambda: job.finish()) < 5
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(err) == 1 and "mlflow.experimentKind" in err[0] and "tags are read-only here" in err[0], err
+    assert client(uri).get_run(job.run_id).info.status == "FINISHED" and kind(uri, "untagged") is None
+    assert history(uri, job.run_id) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_the_browse_hint_works_as_printed_outside_the_virtual_environment(tmp_path: Path) -> None:
+    beside = Path(sys.executable).parent / "mlflow"
+    assert beside.is_file()  # this venv's bin/mlflow
+    spaced = f"sqlite:///{tmp_path}/my runs/mlflow.db"
+    for uri in (f"sqlite:///{tmp_path}/mlflow.db", spaced, "file:///data/mlruns"):
+        hint = browse_hint(uri, "abc123")
+        assert hint.startswith(f"MLflow run abc123 in {uri}; browse it with: ")
+        command, then = hint.split("browse it with: ")[1].split("  ")
+        assert shlex.split(command) == [str(beside), "ui", "--backend-store-uri", uri]
+        assert then == "(then open http://127.0.0.1:5000/#/runs/abc123)"
+    assert f"'{spaced}'" in browse_hint(spaced, "r")
+    version = subprocess.run(shlex.split(command)[0] + " --version", shell=True, capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"}, timeout=60)  # no venv on PATH
+    assert version.returncode == 0 and "version" in version.stdout, version.stderr
+    assert browse_hint("http://host:5000/", "r1") == "MLflow run r1: open http://host:5000/#/runs/r1"
+    assert browse_hint("https://mlflow.example.org/base", "r1").endswith("open https://mlflow.example.org/base/#/runs/r1")
+    assert browse_hint("databricks", "r1") == "MLflow run r1 in databricks"
+
+
+def test_without_mlflow_beside_python_the_hint_runs_it_as_a_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", "/opt/my python/bin/python3")
+    command = browse_hint("sqlite:////data/mlflow.db", "r1").split("browse it with: ")[1].split("  ")[0]
+    assert shlex.split(command) == ["/opt/my python/bin/python3", "-m", "mlflow", "ui", "--backend-store-uri",
+                                    "sqlite:////data/mlflow.db"]
 
 
 def test_tracking_off_still_owns_metrics_jsonl_and_creates_no_mlflow_files(tmp_path: Path) -> None:
@@ -599,6 +672,8 @@ def test_training_with_the_server_down_at_start_reaches_one_run_on_resume(
     client = MlflowClient(server.uri)
     runs = client.search_runs([client.get_experiment_by_name("late").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == "late"
+    assert client.get_experiment_by_name("late").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"MLflow run {runs[0].info.run_id}: open {gate.uri}/#/runs/{runs[0].info.run_id}" in second.stdout
     assert runs[0].data.params["trainer.ckpt_every"] == "2"
     assert {"config.yaml", "ds_config.json"} <= {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))

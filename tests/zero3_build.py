@@ -7,7 +7,7 @@ from pathlib import Path
 
 from largessl.distributed.config import DistributedConfig
 from largessl.distributed.engine import deepspeed_config, init_distributed, model_init_context
-from largessl.models import ModelConfig
+from largessl.models.config import ModelConfig
 from largessl.objectives.mae import MAE, MAEConfig
 
 cfg = DistributedConfig(zero_stage=3, precision="fp32")

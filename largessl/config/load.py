@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,7 @@ import yaml
 from largessl.config.loader import build, merge, parse_overrides, read_yaml, to_dict
 from largessl.config.schema import PretrainConfig
 from largessl.errors import ConfigError
+from largessl.objectives.config import OBJECTIVE_CONFIGS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_OBJECTIVE = "mae"
@@ -17,6 +22,32 @@ DEFAULT_OBJECTIVE = "mae"
 
 def list_recipes() -> list[str]:
     return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def recipe_summary(name: str) -> str:
+    """The first comment line of a shipped recipe (what it is)."""
+    for line in (RECIPES_DIR / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return re.split(r"[:(]|\. ", line.lstrip("# "))[0].strip(" ,.")
+    return ""
+
+
+def config_help() -> str:
+    """The shipped recipes and the config sections with their keys, for `largessl pretrain --help`."""
+    recipes = [f"  {name:<22}{recipe_summary(name)}" for name in list_recipes()]
+    sections = []
+    for section in dataclasses.fields(PretrainConfig):
+        classes = (list(OBJECTIVE_CONFIGS.values()) if section.name == "objective"
+                   else [typing.get_type_hints(PretrainConfig)[section.name]])
+        for cls in classes:
+            keys = ", ".join(f.name for f in dataclasses.fields(cls) if not (section.name == "objective"
+                                                                              and f.name == "name"))
+            sections.append(f"  {section.name:<12}{(cls.__doc__ or '').strip()}")
+            sections.append(textwrap.fill(keys, 118, initial_indent=" " * 14, subsequent_indent=" " * 14))
+    return "\n".join(["shipped recipes (--config NAME):", *recipes, "",
+                       "config sections (set any key as section.key=value; --print-config shows every value):",
+                       *sections, "", "Each key's meaning is documented beside its default in the section's dataclass "
+                       "(README: 'Pretraining')."])
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -32,12 +63,19 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def _objective_config_class(section: Any) -> type:
-    from largessl.objectives import OBJECTIVES
-
     name = section.get("name", DEFAULT_OBJECTIVE) if isinstance(section, dict) else DEFAULT_OBJECTIVE
-    if name not in OBJECTIVES:
-        raise ConfigError(f"objective.name: unknown objective '{name}' (choose one of {', '.join(OBJECTIVES)})")
-    return OBJECTIVES[name].Config
+    if name not in OBJECTIVE_CONFIGS:
+        raise ConfigError(f"objective.name: unknown objective '{name}' (choose one of {', '.join(OBJECTIVE_CONFIGS)})")
+    for key in section if isinstance(section, dict) else ():
+        owners = [other for other, cls in OBJECTIVE_CONFIGS.items() if key in _field_names(cls)]
+        if owners and name not in owners:
+            raise ConfigError(f"objective.{key}: a key of objective.name={' or '.join(owners)}; this config's "
+                              f"objective is {name}")
+    return OBJECTIVE_CONFIGS[name]
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> PretrainConfig:

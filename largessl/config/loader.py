@@ -35,14 +35,28 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def unknown_key_error(key: str, candidates: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    if not close:  # a misspelt leaf under the right section, e.g. optim.lr -> optim.base_lr
-        section = key.rsplit(".", 1)[0]
-        in_section = [c for c in candidates if c.startswith(section + ".")]
-        close = difflib.get_close_matches(key, in_section, n=1, cutoff=0.0)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+def unknown_key_error(key: str, value: Any, candidates: list[str]) -> ConfigError:
+    """The error for an unknown `key` (holding `value`): it names the full dotted key as written (for a misspelt
+    section, its first key: `optm.base_lr`) and the closest valid key, matched part by part (`optim.base_lr`)."""
+    if isinstance(value, dict) and value:
+        key = next(iter(flatten(value, f"{key}.")))
+    close = closest_key(key, candidates)
+    hint = f" (did you mean '{close}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def closest_key(key: str, candidates: list[str], cutoff: float = 0.5) -> str | None:
+    """The candidate (or candidate section, for a key shorter than the candidates) most like `key`, each dotted
+    part compared with the part in the same place; None if none is at least `cutoff` alike on average."""
+    parts = key.split(".")
+    shapes = {".".join(c.split(".")[:len(parts)]) for c in candidates if c.count(".") >= len(parts) - 1}
+
+    def likeness(candidate: str) -> float:
+        pairs = zip(parts, candidate.split("."), strict=True)
+        return sum(difflib.SequenceMatcher(None, a, b).ratio() for a, b in pairs) / len(parts)
+
+    best = max(sorted(shapes), key=likeness, default=None)
+    return best if best is not None and likeness(best) >= cutoff else None
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -108,7 +122,7 @@ def build(cls: type, data: dict[str, Any], prefix: str = "", choose: Any = None)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise unknown_key_error(f"{prefix}{key}", valid_keys(cls, prefix))
+            raise unknown_key_error(f"{prefix}{key}", data[key], valid_keys(cls, prefix))
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

@@ -15,6 +15,8 @@ from largessl.optim.config import OptimConfig
 
 @dataclass
 class TrainerConfig:
+    """Steps, logging, checkpointing and the seed."""
+
     max_steps: int = 1000
     """Optimizer steps to train for; the lr schedule ends here."""
     log_every: int = 10
@@ -36,6 +38,8 @@ class TrainerConfig:
 
 @dataclass
 class RunConfig:
+    """Where the run directory is (the same directory = resume)."""
+
     output_dir: str = "runs"
     """Parent directory of run directories."""
     name: str = ""
@@ -50,6 +54,8 @@ class RunConfig:
 
 @dataclass
 class TrackingConfig:
+    """MLflow: store, experiment, on/off."""
+
     uri: str = ""
     """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db here)."""
     experiment: str = "largessl"
@@ -66,6 +72,8 @@ class TrackingConfig:
 
 @dataclass
 class PretrainConfig:
+    """The whole pretraining config, one section per component."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: Any = None
     """Tagged union: the config dataclass of the objective named by objective.name."""
@@ -81,9 +89,27 @@ class PretrainConfig:
         for name in ("model", "objective", "data", "optim", "trainer", "distributed", "eval", "run", "tracking"):
             getattr(self, name).validate(name)
         self.objective.validate_with_model(self.model)
-        require(bool(self.data.train), "data.train", "is required: a dataset directory (shard-format.md)")
-        require(self.eval.knn_every == 0 or bool(self.eval.knn_val or self.data.val), "eval.knn_every",
-                "needs query images: set data.val (or eval.knn_val) to a dataset directory")
         require(self.optim.global_batch_size % self.data.micro_batch_size == 0, "optim.global_batch_size",
                 f"{self.optim.global_batch_size} is not a multiple of data.micro_batch_size "
                 f"({self.data.micro_batch_size})")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each of `world_size` ranks."""
+        per_step = self.data.micro_batch_size * world_size
+        require(self.optim.global_batch_size % per_step == 0, "optim.global_batch_size",
+                f"{self.optim.global_batch_size} is not a multiple of data.micro_batch_size x world size = "
+                f"{self.data.micro_batch_size} x {world_size}")
+        return self.optim.global_batch_size // per_step
+
+    def knn_datasets(self) -> dict[str, tuple[str, str]]:
+        """The k-NN evaluation's neighbours and queries: key -> (dataset directory, split)."""
+        data, ev = self.data, self.eval
+        return {"eval.knn_train": (ev.knn_train or data.train, ev.knn_train_split or data.train_split),
+                "eval.knn_val": (ev.knn_val or data.val, ev.knn_val_split or data.val_split)}
+
+    def datasets(self) -> dict[str, tuple[str, str]]:
+        """Every dataset the run reads, key -> (directory, split): data.train, and the k-NN sets when
+        eval.knn_every is set. Paths are run-time inputs: they are checked when a run starts (`check_inputs`),
+        not here, so a recipe prints and validates without them."""
+        return {"data.train": (self.data.train, self.data.train_split),
+                **(self.knn_datasets() if self.eval.knn_every else {})}

@@ -1,52 +1,5 @@
-"""Streaming shard datasets (shard-format.md) into training and evaluation batches."""
+"""Streaming shard datasets (shard-format.md) into training and evaluation batches.
 
-from __future__ import annotations
-
-from torch.utils.data import DataLoader
-
-from largessl.data.config import DataConfig
-from largessl.data.index import SplitIndex, open_split
-from largessl.data.loader import CorruptLog, EvalStream, ReaderState, TrainStream, Transform, make_loader
-from largessl.data.stream import StreamPlan
-from largessl.errors import DataError
-
-
-def plan_training(cfg: DataConfig, index: SplitIndex, *, seed: int, world_size: int) -> StreamPlan:
-    plan = StreamPlan(shards=index.shards, seed=seed, num_slots=world_size * max(1, cfg.num_workers),
-                      batch_size=cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
-                      order=cfg.order)
-    if plan.batches_per_slot == 0:
-        raise DataError(f"data.train: {index.num_samples} samples cannot fill one batch of {cfg.micro_batch_size} "
-                        f"for each of {plan.num_slots} readers ({world_size} ranks x {max(1, cfg.num_workers)} "
-                        "workers); lower data.micro_batch_size or data.num_workers")
-    return plan
-
-
-def describe_plan(plan: StreamPlan, index: SplitIndex) -> str:
-    mode = "resampled shards" if plan.resampled else f"exact epochs, {plan.order} order"
-    left_out = "" if plan.resampled else (
-        f"; {plan.num_samples - plan.num_slots * plan.samples_per_slot} samples per epoch left out "
-        "(different ones each epoch)")
-    return (f"data: {index.root} [{index.split}]: {plan.num_samples} samples in {len(plan.shards)} shards, {mode}; "
-            f"{plan.num_slots} readers x {plan.batches_per_slot} batches of {plan.batch_size} per epoch{left_out}")
-
-
-def build_train_loader(cfg: DataConfig, plan: StreamPlan, transform: Transform, *, rank: int, world_size: int,
-                       states: dict[int, ReaderState] | None = None, rotation: int = 0,
-                       corrupt_log_path: str | None = None) -> DataLoader:
-    stream = TrainStream(plan, transform, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                         states=states, rotation=rotation, corrupt_log=CorruptLog(corrupt_log_path, rank))
-    return make_loader(stream, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
-                       prefetch_factor=cfg.prefetch_factor)
-
-
-def build_eval_loader(index: SplitIndex, transform: Transform, *, batch_size: int, rank: int, world_size: int,
-                      num_workers: int, image_size: int) -> DataLoader:
-    stream = EvalStream(index, transform, batch_size=batch_size, rank=rank, world_size=world_size,
-                        image_size=image_size)
-    return make_loader(stream, num_workers=min(num_workers, stream.batches_per_rank), pin_memory=False,
-                       prefetch_factor=2)
-
-
-__all__ = ["DataConfig", "ReaderState", "SplitIndex", "StreamPlan", "build_eval_loader", "build_train_loader",
-           "describe_plan", "open_split", "plan_training"]
+`config` and `index` are torch-free (a config and its datasets are checked before torch is imported);
+`build` makes the DataLoaders.
+"""

@@ -11,6 +11,8 @@ DATA_ORDERS = ("sharded", "global")
 
 @dataclass
 class DataConfig:
+    """The shard datasets, batch size per rank and the streaming/loader settings."""
+
     train: str = ""
     """Training dataset directory (shard-format.md: holds dataset.json and the shards)."""
     train_split: str = "train"

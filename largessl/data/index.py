@@ -37,7 +37,7 @@ def _read_index(root: Path, what: str) -> dict:
         raise DataError(f"{what}: dataset directory '{root}' does not exist")
     index_path = root / "dataset.json"
     if not index_path.is_file():
-        raise DataError(f"{what}: '{root}' has no dataset.json (see shard-format.md; "
+        raise DataError(f"{what}: '{root}' has no dataset.json (see docs/shard-format.md; "
                         "python -m data_tools imagefolder writes one)")
     try:
         index = json.loads(index_path.read_text())

@@ -1,1 +1,2 @@
-"""How training is spread over processes. engine.py is the only module that imports deepspeed."""
+"""How training is spread over processes: the only package that imports deepspeed (engine.py, and ops.py for its
+JIT-built ops)."""

@@ -11,6 +11,8 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 @dataclass
 class DistributedConfig:
+    """ZeRO stage, CPU offload, precision, DeepSpeed JSON, backend."""
+
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
     offload: bool = False

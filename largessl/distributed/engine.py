@@ -1,4 +1,4 @@
-"""The DeepSpeed engine: the only module in largessl that imports deepspeed.
+"""The DeepSpeed engine (with ops.py, for DeepSpeed's JIT-built ops, the only modules that import deepspeed).
 
 Our config owns batch size, accumulation, precision and clipping; ds_configs/*.json own ZeRO and
 communication settings only. `deepspeed_config` merges the two and refuses a JSON that repeats ours.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from largessl.config.loader import require
+from largessl.distributed import ops
 from largessl.distributed.config import DistributedConfig
 from largessl.distributed.env import DistEnv, pick_device, read_env, single_process_defaults
 from largessl.errors import ConfigError
@@ -29,7 +29,7 @@ SOURCE_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def _deepspeed():
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    ops.prepare()  # the accelerator and this installation's op build directory, before deepspeed is imported
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -89,7 +89,10 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
     require(cfg.precision != "fp16" or device.type == "cuda", "distributed.precision",
             "fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use bf16 or fp32")
     backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
-    _deepspeed().init_distributed(dist_backend=backend, verbose=False)
+    deepspeed = _deepspeed()
+    ops.ensure("comm")  # builds DeepSpeed's CPU communication op (if needed) with a line saying so
+    with ops.without_built_notice():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistEnv(rank, world_size, local_rank, device)
 
 
@@ -112,6 +115,7 @@ class Engine:
         if "offload_optimizer" in ds_config["zero_optimization"]:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            ops.ensure("cpu_adam")
             optimizer = DeepSpeedCPUAdam(param_groups, lr=0.0, betas=betas, eps=eps, adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=betas, eps=eps)
@@ -126,6 +130,10 @@ class Engine:
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
+
+    def num_parameters(self) -> int:
+        """Elements of the whole model, also when ZeRO-3 holds only a partition of each parameter here."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.ds(batch)

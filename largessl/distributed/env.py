@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # read_env is used before torch is imported (the command's early checks)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ def read_env() -> tuple[int, int, int]:
 
 
 def pick_device(local_rank: int) -> torch.device:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

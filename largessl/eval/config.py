@@ -9,6 +9,8 @@ from largessl.config.loader import require
 
 @dataclass
 class EvalConfig:
+    """The k-NN evaluation during training."""
+
     knn_every: int = 0
     """Run the k-NN evaluation every this many optimizer steps (0: never during training)."""
     knn_k: int = 20

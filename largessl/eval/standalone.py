@@ -9,12 +9,13 @@ import torch
 
 from largessl.checkpoint import resolve_tag_dir
 from largessl.config.load import config_from_yaml_text
-from largessl.data import build_eval_loader, open_split
+from largessl.data.build import build_eval_loader
+from largessl.data.index import open_split
 from largessl.data.transforms import EvalTransform
 from largessl.distributed.ema import read_teacher_fp32
 from largessl.errors import UserError
 from largessl.eval.knn import extract_features, knn_top1
-from largessl.objectives import OBJECTIVES
+from largessl.objectives import objective_class
 
 
 def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
@@ -30,7 +31,7 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
     from largessl.distributed.engine import read_checkpoint
 
     weights, states = read_checkpoint(tag_dir)
-    objective = OBJECTIVES[cfg.objective.name](cfg.objective, cfg.model)
+    objective = objective_class(cfg.objective.name)(cfg.objective, cfg.model)
     if objective.teacher_pairs():  # the teacher's exact fp32 EMA, not DeepSpeed's compute-dtype copy
         weights.update(read_teacher_fp32(tag_dir))
     missing, unexpected = objective.load_state_dict(weights, strict=False)

@@ -20,6 +20,8 @@ MODEL_NAME = re.compile(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)$")
 
 @dataclass
 class ModelConfig:
+    """The encoder: its size, input resolution and memory switches."""
+
     name: str = "vit_base_patch16"
     """Encoder: vit_{tiny,small,base,large,huge}_patch{14,16} (any patch size that divides image_size)."""
     image_size: int = 224

@@ -1,9 +1,27 @@
-"""What is learned: one file and one class per method, registered here by name."""
+"""What is learned: one file and one class per method, registered here by name.
 
-from largessl.objectives.base import Objective
-from largessl.objectives.dino import DINO
-from largessl.objectives.mae import MAE
+Importing this package imports no torch: the config sections are in `config`, and a method's module is
+imported when its class is asked for.
+"""
 
-OBJECTIVES: dict[str, type[Objective]] = {"mae": MAE, "dino": DINO}
+from __future__ import annotations
 
-__all__ = ["OBJECTIVES", "Objective"]
+import importlib
+from typing import TYPE_CHECKING
+
+from largessl.objectives.config import OBJECTIVE_CONFIGS
+
+if TYPE_CHECKING:
+    from largessl.objectives.base import Objective
+
+CLASSES = {"mae": "largessl.objectives.mae:MAE", "dino": "largessl.objectives.dino:DINO"}
+assert CLASSES.keys() == OBJECTIVE_CONFIGS.keys()
+
+
+def objective_class(name: str) -> type[Objective]:
+    """The Objective subclass registered as `name` (objective.name)."""
+    module, _, attr = CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+__all__ = ["CLASSES", "OBJECTIVE_CONFIGS", "objective_class"]

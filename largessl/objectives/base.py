@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from largessl.models import ModelConfig, ViTEncoder
+from largessl.models.config import ModelConfig
+from largessl.models.vit import ViTEncoder
 
 SampleTransform = Callable[[Image.Image], dict[str, torch.Tensor]]
 

@@ -22,79 +22,20 @@ Reference: https://github.com/facebookresearch/dino/blob/main/main_dino.py (DINO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from largessl.config.loader import require
 from largessl.data.multicrop import MultiCropTransform
 from largessl.distributed import comm
-from largessl.models import ModelConfig, ViTEncoder
+from largessl.models.config import ModelConfig
 from largessl.models.dino_head import DINOHead
+from largessl.models.vit import ViTEncoder
 from largessl.objectives.base import Objective, SampleTransform
+from largessl.objectives.config import DINOConfig
 from largessl.optim.schedules import cosine, linear_warmup
 
 LAST_LAYER = "student.head.last_layer."
-
-
-@dataclass
-class DINOConfig:
-    name: str = "dino"
-    """Objective name (selects this config section)."""
-    out_dim: int = 65536
-    """K, the number of prototypes (all official recipes use 65536)."""
-    hidden_dim: int = 2048
-    """Width of the head's MLP."""
-    bottleneck_dim: int = 256
-    """Width of the L2-normalised bottleneck before the last layer."""
-    norm_last_layer: bool = True
-    """Keep the last layer's rows at unit norm (frozen weight_g); false learns them (official ViT-S 'boost' only)."""
-    freeze_last_layer_steps: int = 0
-    """Optimizer steps at the start during which the last layer does not move (official: 1 epoch)."""
-    local_crops: int = 8
-    """Local crops per image (0 disables multi-crop)."""
-    local_crop_size: int = 96
-    """Side of the local crops in pixels (the global crops are model.image_size)."""
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    """RandomResizedCrop area range of the two global crops."""
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    """RandomResizedCrop area range of the local crops."""
-    student_temp: float = 0.1
-    """Student softmax temperature."""
-    teacher_temp: float = 0.07
-    """Teacher softmax temperature after its warmup ("anything above 0.07 is unstable", official help)."""
-    warmup_teacher_temp: float = 0.04
-    """Teacher temperature at step 0."""
-    warmup_teacher_temp_steps: int = 0
-    """Steps of linear teacher-temperature warmup (paper: 30 epochs for ViT-S/16, VISSL: 50 for ViT-B/16)."""
-    center_momentum: float = 0.9
-    """c <- m c + (1 - m) mean teacher output, once per optimizer step."""
-    teacher_momentum: float = 0.996
-    """EMA momentum at step 0; follows a cosine to teacher_momentum_end at the last step."""
-    teacher_momentum_end: float = 1.0
-    """EMA momentum at the last step."""
-
-    def validate(self, prefix: str = "objective") -> None:
-        for key in ("out_dim", "hidden_dim", "bottleneck_dim", "local_crop_size"):
-            require(getattr(self, key) > 0, f"{prefix}.{key}", "must be > 0")
-        require(self.local_crops >= 0, f"{prefix}.local_crops", "must be >= 0")
-        require(self.freeze_last_layer_steps >= 0, f"{prefix}.freeze_last_layer_steps", "must be >= 0")
-        require(self.warmup_teacher_temp_steps >= 0, f"{prefix}.warmup_teacher_temp_steps", "must be >= 0")
-        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-            require(getattr(self, key) > 0, f"{prefix}.{key}", "must be > 0")
-        for key in ("center_momentum", "teacher_momentum", "teacher_momentum_end"):
-            require(0 <= getattr(self, key) <= 1, f"{prefix}.{key}", "must be in [0, 1]")
-        for key in ("global_crop_scale", "local_crop_scale"):
-            low, high = getattr(self, key)
-            require(0 < low <= high <= 1, f"{prefix}.{key}", "must be [low, high] with 0 < low <= high <= 1")
-
-    def validate_with_model(self, model: ModelConfig) -> None:
-        require(self.local_crop_size % model.patch_size == 0, "objective.local_crop_size",
-                f"{self.local_crop_size} is not a multiple of the patch size {model.patch_size}")
-        require(self.local_crop_size <= model.image_size, "objective.local_crop_size",
-                f"{self.local_crop_size} is larger than the global crops (model.image_size {model.image_size})")
 
 
 def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor, *,

@@ -14,54 +14,15 @@ References: https://github.com/facebookresearch/mae/blob/main/models_mae.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from largessl.config.loader import require
 from largessl.data.transforms import mae_pretrain_transform
-from largessl.models import ModelConfig, ViTEncoder, build_blocks, init_mae_style, run_blocks
+from largessl.models.config import ModelConfig
 from largessl.models.pos_embed import sincos_2d
-from largessl.models.vit import LayerNorm
+from largessl.models.vit import LayerNorm, ViTEncoder, build_blocks, init_mae_style, run_blocks
 from largessl.objectives.base import Objective, SampleTransform
-
-
-@dataclass
-class MAEConfig:
-    name: str = "mae"
-    """Objective name (selects this config section)."""
-    mask_ratio: float = 0.75
-    """Fraction of patches removed per image; the encoder sees int(N x (1 - mask_ratio)) patches."""
-    norm_pix_loss: bool = True
-    """Regress per-patch normalised pixels (all released MAE checkpoints use it)."""
-    decoder_dim: int = 512
-    """Decoder width."""
-    decoder_depth: int = 8
-    """Decoder transformer blocks."""
-    decoder_heads: int = 16
-    """Decoder attention heads."""
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """RandomResizedCrop area range."""
-
-    def validate(self, prefix: str = "objective") -> None:
-        require(0.0 < self.mask_ratio < 1.0, f"{prefix}.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
-        require(self.decoder_depth > 0, f"{prefix}.decoder_depth", "must be > 0")
-        require(self.decoder_heads > 0 and self.decoder_dim % self.decoder_heads == 0, f"{prefix}.decoder_heads",
-                f"must divide decoder_dim ({self.decoder_dim})")
-        require(self.decoder_dim % 4 == 0, f"{prefix}.decoder_dim", "must be a multiple of 4 (sin-cos positions)")
-        low, high = self.crop_scale
-        require(0 < low <= high <= 1, f"{prefix}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
-
-    def validate_with_model(self, model: ModelConfig) -> None:
-        keep = num_visible(model.num_patches, self.mask_ratio)
-        require(0 < keep < model.num_patches, "objective.mask_ratio",
-                f"{self.mask_ratio} leaves {keep} of {model.num_patches} patches visible; need at least one "
-                "visible and one masked")
-
-
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    return int(num_patches * (1 - mask_ratio))
+from largessl.objectives.config import MAEConfig, num_visible
 
 
 def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,8 @@ from largessl.config.loader import require
 
 @dataclass
 class OptimConfig:
+    """AdamW, global batch size, learning-rate and weight-decay schedules, clipping."""
+
     base_lr: float = 1.5e-4
     """Learning rate per 256 images: peak lr = base_lr x global_batch_size / 256 (linear scaling rule)."""
     min_lr: float = 0.0

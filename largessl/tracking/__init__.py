@@ -35,6 +35,7 @@ from largessl.tracking.journal import (
     write_state,
 )
 from largessl.tracking.store import (
+    browse_hint,
     check_store,
     configure_http,
     configured_uri,
@@ -44,7 +45,7 @@ from largessl.tracking.store import (
     resolve_uri,
 )
 
-__all__ = ["NullTracker", "Tracker", "check_store", "git_commit", "recorded_run", "resolve_uri"]
+__all__ = ["NullTracker", "Tracker", "browse_hint", "check_store", "git_commit", "recorded_run", "resolve_uri"]
 
 ATTACH_TIMEOUT_S = 15.0  # bound on each MLflow call made for evaluation
 

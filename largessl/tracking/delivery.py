@@ -24,6 +24,8 @@ from largessl.tracking.store import (
 )
 
 RUN_KEY_TAG = "largessl.run_key"  # finds a run whose creation reply was lost, instead of creating a second one
+KIND_TAG = "mlflow.experimentKind"  # what MLflow 3's UI reads to open an experiment as a GenAI or a training one
+MODEL_TRAINING = "custom_model_development"  # its value for model training: runs table with the metric columns
 PARAMS_PER_CALL = 100  # MLflow's log_batch limits
 METRICS_PER_CALL = 1000
 RETRY_INITIAL_S = 1.0  # wait after a failed attempt; doubles up to RETRY_MAX_S
@@ -198,6 +200,7 @@ class Delivery:
         if run.info.lifecycle_stage != "active":
             return False
         self.client.update_run(run_id, status="RUNNING")
+        self._optional(lambda: self._mark_kind(self.client.get_experiment(run.info.experiment_id)))
         return True
 
     def _create_run(self) -> str:
@@ -224,7 +227,7 @@ class Delivery:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             try:
-                return self.client.create_experiment(name)
+                return self.client.create_experiment(name, tags={KIND_TAG: MODEL_TRAINING})
             except Exception as exc:
                 if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -232,16 +235,30 @@ class Delivery:
         if found.lifecycle_stage != "active":
             raise GiveUp(f"MLflow experiment '{name}' is deleted in {self.uri}: restore it (mlflow experiments "
                           "restore) or set tracking.experiment; nothing is sent this job")
+        self._optional(lambda: self._mark_kind(found))
         return found.experiment_id
 
-    def _refusable(self, what: str, action: Callable[[], object], local_errors: bool = False) -> None:
+    def _mark_kind(self, experiment: Any) -> None:
+        """Tag `experiment` (one from before largessl set KIND_TAG) as model training, unless it has a kind: a
+        value someone set is never overwritten."""
+        if KIND_TAG not in (experiment.tags or {}):
+            self.client.set_experiment_tag(experiment.experiment_id, KIND_TAG, MODEL_TRAINING)
+
+    def _optional(self, action: Callable[[], object]) -> None:
+        """The experiment's KIND_TAG: only how MLflow's UI shows it, so any failure but an unanswered store (retried
+        with the rest) is said once and the run goes on without it."""
+        self._refusable(f"the experiment tag {KIND_TAG}={MODEL_TRAINING}", action, optional=True)
+
+    def _refusable(self, what: str, action: Callable[[], object], local_errors: bool = False,
+                   optional: bool = False) -> None:
         """Run `action`; when the store refuses it (it answered: retrying cannot help), or, with `local_errors`,
-        a local file operation fails, go on without it (saying so once per `what`)."""
+        a local file operation fails, or, when `optional`, it fails other than by the store not answering, go on
+        without it (saying so once per `what`)."""
         try:
             action()
         except Exception as exc:
-            local = local_errors and isinstance(exc, OSError) and not unreachable(exc)
-            if not (is_refusal(exc) or local):
+            tolerated = optional or (local_errors and isinstance(exc, OSError))
+            if not (is_refusal(exc) or (tolerated and not unreachable(exc))):
                 raise
             if what not in self.refused:
                 self.refused.add(what)

@@ -1,9 +1,11 @@
-"""Which MLflow store a run uses, whether a SQLite store can be written, and what an MLflow error means (the store
-did not answer: try again; it answered no: stop trying)."""
+"""Which MLflow store a run uses, whether a SQLite store can be written, how to browse a run in it, and what an
+MLflow error means (the store did not answer: try again; it answered no: stop trying)."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +115,27 @@ def check_store(cfg: TrackingConfig, run_dir: Path | None = None) -> None:
     if problem:
         raise ConfigError(f"{source}: {uri} cannot be written: {problem}; set tracking.uri to a writable "
                           "sqlite:////PATH/mlflow.db or a server's http://HOST:PORT, or tracking.enabled=false")
+
+
+def browse_hint(uri: str, run_id: str) -> str:
+    """One line saying where to look at MLflow run `run_id` of store `uri`, in a form that works as printed, also
+    in a shell where this virtual environment is not active: a server's page of the run, else an `mlflow ui`
+    command (MLflow's UI redirects #/runs/RUN_ID to the run's page in its experiment)."""
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow run {run_id}: open {uri.rstrip('/')}/#/runs/{run_id}"
+    if uri.split(":", 1)[0] in ("databricks", "databricks-uc"):
+        return f"MLflow run {run_id} in {uri}"
+    return (f"MLflow run {run_id} in {uri}; browse it with: {mlflow_command()} ui --backend-store-uri "
+            f"{shlex.quote(uri)}  (then open http://127.0.0.1:5000/#/runs/{run_id})")
+
+
+def mlflow_command() -> str:
+    """The `mlflow` executable beside this Python (a virtual environment's bin/) when there is one, else
+    `PYTHON -m mlflow`; shell-quoted."""
+    beside = Path(sys.executable).parent / "mlflow"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return shlex.quote(str(beside))
+    return f"{shlex.quote(sys.executable)} -m mlflow"
 
 
 

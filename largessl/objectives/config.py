@@ -1,0 +1,114 @@
+"""The objectives' config sections (`objective.*`), one dataclass per method, selected by `objective.name`.
+
+Torch-free, like every config module, so a config is loaded and checked before torch is imported. Each
+method's module (mae.py, dino.py) holds the objective itself and names its config as `Config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from largessl.config.loader import require
+from largessl.models.config import ModelConfig
+
+
+@dataclass
+class MAEConfig:
+    """MAE (objective.name=mae): masking, decoder, loss target, crops."""
+
+    name: str = "mae"
+    """Objective name (selects this config section)."""
+    mask_ratio: float = 0.75
+    """Fraction of patches removed per image; the encoder sees int(N x (1 - mask_ratio)) patches."""
+    norm_pix_loss: bool = True
+    """Regress per-patch normalised pixels (all released MAE checkpoints use it)."""
+    decoder_dim: int = 512
+    """Decoder width."""
+    decoder_depth: int = 8
+    """Decoder transformer blocks."""
+    decoder_heads: int = 16
+    """Decoder attention heads."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range."""
+
+    def validate(self, prefix: str = "objective") -> None:
+        require(0.0 < self.mask_ratio < 1.0, f"{prefix}.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        require(self.decoder_depth > 0, f"{prefix}.decoder_depth", "must be > 0")
+        require(self.decoder_heads > 0 and self.decoder_dim % self.decoder_heads == 0, f"{prefix}.decoder_heads",
+                f"must divide decoder_dim ({self.decoder_dim})")
+        require(self.decoder_dim % 4 == 0, f"{prefix}.decoder_dim", "must be a multiple of 4 (sin-cos positions)")
+        low, high = self.crop_scale
+        require(0 < low <= high <= 1, f"{prefix}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
+
+    def validate_with_model(self, model: ModelConfig) -> None:
+        keep = num_visible(model.num_patches, self.mask_ratio)
+        require(0 < keep < model.num_patches, "objective.mask_ratio",
+                f"{self.mask_ratio} leaves {keep} of {model.num_patches} patches visible; need at least one "
+                "visible and one masked")
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    return int(num_patches * (1 - mask_ratio))
+
+
+@dataclass
+class DINOConfig:
+    """DINO (objective.name=dino): head, multi-crop, temperatures, centering, teacher momentum."""
+
+    name: str = "dino"
+    """Objective name (selects this config section)."""
+    out_dim: int = 65536
+    """K, the number of prototypes (all official recipes use 65536)."""
+    hidden_dim: int = 2048
+    """Width of the head's MLP."""
+    bottleneck_dim: int = 256
+    """Width of the L2-normalised bottleneck before the last layer."""
+    norm_last_layer: bool = True
+    """Keep the last layer's rows at unit norm (frozen weight_g); false learns them (official ViT-S 'boost' only)."""
+    freeze_last_layer_steps: int = 0
+    """Optimizer steps at the start during which the last layer does not move (official: 1 epoch)."""
+    local_crops: int = 8
+    """Local crops per image (0 disables multi-crop)."""
+    local_crop_size: int = 96
+    """Side of the local crops in pixels (the global crops are model.image_size)."""
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    """RandomResizedCrop area range of the two global crops."""
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    """RandomResizedCrop area range of the local crops."""
+    student_temp: float = 0.1
+    """Student softmax temperature."""
+    teacher_temp: float = 0.07
+    """Teacher softmax temperature after its warmup ("anything above 0.07 is unstable", official help)."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at step 0."""
+    warmup_teacher_temp_steps: int = 0
+    """Steps of linear teacher-temperature warmup (paper: 30 epochs for ViT-S/16, VISSL: 50 for ViT-B/16)."""
+    center_momentum: float = 0.9
+    """c <- m c + (1 - m) mean teacher output, once per optimizer step."""
+    teacher_momentum: float = 0.996
+    """EMA momentum at step 0; follows a cosine to teacher_momentum_end at the last step."""
+    teacher_momentum_end: float = 1.0
+    """EMA momentum at the last step."""
+
+    def validate(self, prefix: str = "objective") -> None:
+        for key in ("out_dim", "hidden_dim", "bottleneck_dim", "local_crop_size"):
+            require(getattr(self, key) > 0, f"{prefix}.{key}", "must be > 0")
+        require(self.local_crops >= 0, f"{prefix}.local_crops", "must be >= 0")
+        require(self.freeze_last_layer_steps >= 0, f"{prefix}.freeze_last_layer_steps", "must be >= 0")
+        require(self.warmup_teacher_temp_steps >= 0, f"{prefix}.warmup_teacher_temp_steps", "must be >= 0")
+        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            require(getattr(self, key) > 0, f"{prefix}.{key}", "must be > 0")
+        for key in ("center_momentum", "teacher_momentum", "teacher_momentum_end"):
+            require(0 <= getattr(self, key) <= 1, f"{prefix}.{key}", "must be in [0, 1]")
+        for key in ("global_crop_scale", "local_crop_scale"):
+            low, high = getattr(self, key)
+            require(0 < low <= high <= 1, f"{prefix}.{key}", "must be [low, high] with 0 < low <= high <= 1")
+
+    def validate_with_model(self, model: ModelConfig) -> None:
+        require(self.local_crop_size % model.patch_size == 0, "objective.local_crop_size",
+                f"{self.local_crop_size} is not a multiple of the patch size {model.patch_size}")
+        require(self.local_crop_size <= model.image_size, "objective.local_crop_size",
+                f"{self.local_crop_size} is larger than the global crops (model.image_size {model.image_size})")
+
+
+OBJECTIVE_CONFIGS: dict[str, type] = {"mae": MAEConfig, "dino": DINOConfig}

@@ -1,0 +1,51 @@
+"""What a command checks before it imports torch, DeepSpeed or timm, so a wrong path or setting is reported in
+well under two seconds instead of after start-up: the config (already validated when loaded), the datasets the
+run reads (each directory, its dataset.json, the split and its shard files) and the batch arithmetic for this
+job's world size. The trainer checks the same again when it opens them; this only makes the failure early.
+
+Only global rank 0 checks the datasets (the others would find the same on a shared filesystem, and print the
+same line N times); if it stops, the launcher ends the other ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from largessl.config.schema import PretrainConfig
+from largessl.data.index import open_split
+from largessl.distributed.env import read_env
+from largessl.errors import ConfigError, UserError
+
+NEEDS = {"data.train": "is required: a shard dataset directory (docs/shard-format.md; python -m data_tools writes one)",
+         "eval.knn_train": "needs a dataset for eval.knn_every: set data.train (or eval.knn_train)",
+         "eval.knn_val": "needs a dataset for eval.knn_every: set data.val (or eval.knn_val)"}
+
+
+def check_pretrain(cfg: PretrainConfig) -> None:
+    """The batch divides over this job's ranks, and (on rank 0) every dataset the run reads is there."""
+    rank, world_size, _ = read_env()
+    cfg.accumulation_steps(world_size)
+    if rank == 0:
+        for key, (root, split) in cfg.datasets().items():
+            check_dataset(key, root, split)
+
+
+def check_dataset(key: str, root: str, split: str) -> None:
+    """`root` names a dataset directory with `split` and all its shards; the error names `key`."""
+    if not root:
+        raise ConfigError(f"{key}: {NEEDS.get(key, 'is required: a shard dataset directory')}")
+    open_split(root, split, key)
+
+
+def check_eval_knn(checkpoint: Path, datasets: dict[str, tuple[str, str]]) -> None:
+    """`checkpoint` is a run directory (config.yaml) with a checkpoint, and the datasets are there."""
+    from largessl.checkpoint import resolve_tag_dir
+
+    if not (checkpoint / "config.yaml").is_file():
+        raise UserError(f"--checkpoint: {checkpoint} is not a run directory (no config.yaml)")
+    try:
+        resolve_tag_dir(checkpoint)
+    except FileNotFoundError:
+        raise UserError(f"--checkpoint: no complete checkpoint under {checkpoint}") from None
+    for key, (root, split) in datasets.items():
+        check_dataset(key, root, split)
