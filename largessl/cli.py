@@ -59,8 +59,8 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
     knn = protocols.add_parser(
         "knn", help="weighted k-NN accuracy of the encoder's [cls] features", formatter_class=HelpFormatter,
         description="Weighted k-NN top-1 of a run's newest complete checkpoint (DINO's protocol; for DINO, of the\n"
-                    "teacher). Prints knn_top1 last, writes RUN_DIR/eval/knn_stepNNNNNNNN.json and logs knn_top1 to\n"
-                    "the run's MLflow run.")
+                    "teacher). Prints knn_top1 last (knn_top1_mean with --pool mean), writes\n"
+                    "RUN_DIR/eval/knn[_mean]_stepNNNNNNNN.json and logs the same metric to the run's MLflow run.")
     knn.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR",
                      help="run directory (its newest complete checkpoint is used)")
     knn.add_argument("--train", required=True, metavar="DATASET", help="labelled dataset directory: the neighbours")
@@ -71,6 +71,8 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
     knn.add_argument("--temperature", type=float, default=0.07, metavar="T",
                      help="votes are weighted by exp(cosine similarity / temperature)")
     knn.add_argument("--batch-size", type=int, default=128, metavar="N", help="images per feature-extraction batch")
+    knn.add_argument("--pool", choices=("cls", "mean"), default="cls",
+                     help="image feature: the [cls] output, or the mean patch output (CAE trains no [cls] loss)")
     knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                      help="DataLoader worker processes (default: the cores, at most 8)")
 
@@ -103,12 +105,12 @@ def eval_knn(args: argparse.Namespace) -> int:
 
     result = run_knn(args.checkpoint, args.train, args.val, train_split=args.train_split, val_split=args.val_split,
                      k=args.k, temperature=args.temperature, batch_size=args.batch_size,
-                     num_workers=args.num_workers)
+                     num_workers=args.num_workers, pool=args.pool)
     print(f"checkpoint {result['checkpoint']} (step {result['step']}): {result['num_train']} neighbours, "
-          f"{result['num_val']} queries, k={result['k']}, T={result['temperature']}")
+          f"{result['num_val']} queries, k={result['k']}, T={result['temperature']}, {result['pool']} features")
     if result["mlflow_run_id"]:
         print(f"logged knn_top1 to MLflow run {result['mlflow_run_id']}")
-    print(f"knn_top1: {result['knn_top1']:.4f}")
+    print(f"{result['metric']}: {result['knn_top1']:.4f}")
     return 0
 
 

@@ -9,6 +9,7 @@ same line N times); if it stops, the launcher ends the other ranks.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from largessl.config.schema import PretrainConfig
@@ -28,6 +29,17 @@ def check_pretrain(cfg: PretrainConfig) -> None:
     if rank == 0:
         for key, (root, split) in cfg.datasets().items():
             check_dataset(key, root, split)
+        for key, path in getattr(cfg.objective, "input_files", dict)().items():
+            check_file(key, path)
+
+
+def check_file(key: str, path: str) -> None:
+    """`path` is a readable file; the error names `key`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{key}: no file '{path}'")
+    if not os.access(file, os.R_OK):
+        raise ConfigError(f"{key}: '{path}' cannot be read (permission denied)")
 
 
 def check_dataset(key: str, root: str, split: str) -> None:

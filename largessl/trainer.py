@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from largessl.distributed import comm
 from largessl.distributed.ema import EMATeacher
 from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
 from largessl.errors import SharedError, UserError
+from largessl.eval.config import knn_metric
 from largessl.eval.knn import extract_features, knn_top1
 from largessl.health import FiniteGuard, decode_first_bad, diverged
 from largessl.lifecycle import StopSignals
@@ -329,7 +331,8 @@ class Trainer:
         was_training = module.training
         module.eval()
         try:
-            features = [extract_features(encoder.forward_cls, self._eval_loader(index), device=self.env.device,
+            forward = partial(encoder.forward_pooled, pool=cfg.knn_pool)
+            features = [extract_features(forward, self._eval_loader(index), device=self.env.device,
                                          dtype=module.compute_dtype()) for index in (train, val)]
         finally:
             module.train(was_training)
@@ -344,8 +347,8 @@ class Trainer:
     def _log_knn(self) -> None:
         top1 = self.knn_accuracy()
         if self.env.is_main:
-            say(f"step {self.step} | knn_top1 {top1:.4f}")
-        self._log({"knn_top1": top1})
+            say(f"step {self.step} | {knn_metric(self.cfg.eval.knn_pool)} {top1:.4f}")
+        self._log({knn_metric(self.cfg.eval.knn_pool): top1})
 
     def client_state(self) -> dict[str, Any]:
         return {

@@ -82,7 +82,9 @@ def test_config_and_dataset_errors_come_before_torch(overrides: list[str], messa
 
 def test_unknown_recipe_and_eval_errors_come_before_torch(mini_shards: Path, tmp_path: Path) -> None:
     code, heavy, err = imported_after(["pretrain", "--config", "debug/mae_vit_tny"], tmp_path)
-    assert code == 2 and heavy == [] and "shipped: debug/dino_vit_tiny" in one_error_line(err)
+    line = one_error_line(err)
+    assert code == 2 and heavy == [] and "(did you mean 'debug/mae_vit_tiny'? shipped: debug/" in line
+    assert all(name in line for name in list_recipes())
     knn = ["eval", "knn", "--train", str(mini_shards), "--val", str(mini_shards)]
     code, heavy, err = imported_after([*knn, "--checkpoint", str(tmp_path)], tmp_path)
     assert code == 2 and heavy == [] and "is not a run directory (no config.yaml)" in one_error_line(err)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import textwrap
 import typing
@@ -58,8 +59,10 @@ def find_recipe(name_or_path: str) -> Path:
     shipped = RECIPES_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
     if shipped.is_file():
         return shipped
+    close = difflib.get_close_matches(name_or_path.removesuffix(".yaml"), list_recipes(), n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(f"--config: no file '{name_or_path}' and no shipped recipe of that name "
-                      f"(shipped: {', '.join(list_recipes())})")
+                      f"({hint}shipped: {', '.join(list_recipes())})")
 
 
 def _objective_config_class(section: Any) -> type:

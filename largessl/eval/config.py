@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 from largessl.config.loader import require
 
+POOLS = ("cls", "mean")
+
+
+def knn_metric(pool: str) -> str:
+    """The metric name of a k-NN top-1 with features `pool`: knn_top1 for [cls], knn_top1_mean for the mean."""
+    return "knn_top1" if pool == "cls" else f"knn_top1_{pool}"
+
 
 @dataclass
 class EvalConfig:
@@ -27,9 +34,12 @@ class EvalConfig:
     """Split of knn_val; empty: data.val_split."""
     knn_batch_size: int = 0
     """Images per rank per feature-extraction batch; 0: data.micro_batch_size."""
+    knn_pool: str = "cls"
+    """Feature of an image: 'cls' (the [cls] output) or 'mean' (the mean patch output; CAE trains no [cls] loss)."""
 
     def validate(self, prefix: str = "eval") -> None:
         require(self.knn_every >= 0, f"{prefix}.knn_every", "must be >= 0 (0 disables it)")
         require(self.knn_k > 0, f"{prefix}.knn_k", "must be > 0")
         require(self.knn_temperature > 0, f"{prefix}.knn_temperature", "must be > 0")
         require(self.knn_batch_size >= 0, f"{prefix}.knn_batch_size", "must be >= 0")
+        require(self.knn_pool in POOLS, f"{prefix}.knn_pool", f"must be one of {', '.join(POOLS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from largessl.data.index import open_split
 from largessl.data.transforms import EvalTransform
 from largessl.distributed.ema import read_teacher_fp32
 from largessl.errors import UserError
+from largessl.eval.config import knn_metric
 from largessl.eval.knn import extract_features, knn_top1
 from largessl.objectives import objective_class
 
@@ -44,7 +46,7 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
 
 
 def checkpoint_features(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str,
-                        batch_size: int, num_workers: int) -> tuple[list, object, dict, Path]:
+                        batch_size: int, num_workers: int, pool: str = "cls") -> tuple[list, object, dict, Path]:
     """([train (features, labels), val (features, labels)], run config, client state, tag directory) from
     the eval encoder of a run's latest checkpoint."""
     encoder, cfg, states, tag_dir = load_encoder(checkpoint)
@@ -57,28 +59,30 @@ def checkpoint_features(checkpoint: Path, train: str, val: str, *, train_split: 
         loader = build_eval_loader(index, transform, batch_size=batch_size, rank=0, world_size=1,
                                    num_workers=num_workers, image_size=cfg.model.image_size)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features.append(extract_features(encoder.forward_cls, loader, device=device, dtype=torch.float32))
+            features.append(extract_features(partial(encoder.forward_pooled, pool=pool), loader, device=device,
+                                             dtype=torch.float32))
     return features, cfg, states, tag_dir
 
 
 def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str, k: int,
-            temperature: float, batch_size: int, num_workers: int) -> dict:
+            temperature: float, batch_size: int, num_workers: int, pool: str = "cls") -> dict:
     features, cfg, states, tag_dir = checkpoint_features(checkpoint, train, val, train_split=train_split,
                                                          val_split=val_split, batch_size=batch_size,
-                                                         num_workers=num_workers)
+                                                         num_workers=num_workers, pool=pool)
     top1 = knn_top1(features[0], features[1], k=k, temperature=temperature)
-    step = int(states.get("step", 0))
-    result = {"knn_top1": top1, "step": step, "checkpoint": str(tag_dir), "train": train, "val": val,
-              "num_train": len(features[0][1]), "num_val": len(features[1][1]), "k": k, "temperature": temperature}
-    out = checkpoint / "eval" / f"knn_step{step:08d}.json"
+    step, metric = int(states.get("step", 0)), knn_metric(pool)
+    result = {"knn_top1": top1, "metric": metric, "pool": pool, "step": step, "checkpoint": str(tag_dir),
+              "train": train, "val": val, "num_train": len(features[0][1]), "num_val": len(features[1][1]), "k": k,
+              "temperature": temperature}
+    out = checkpoint / "eval" / f"{metric.replace('_top1', '')}_step{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    result["mlflow_run_id"] = _log_to_run(states, cfg, top1, step, checkpoint)
+    result["mlflow_run_id"] = _log_to_run(states, cfg, {metric: top1}, step, checkpoint)
     return result
 
 
-def _log_to_run(states: dict, cfg: object, top1: float, step: int, run_dir: Path) -> str:
-    """Log knn_top1 at the checkpoint's step to the training run, when its MLflow run is known and reachable: the
+def _log_to_run(states: dict, cfg: object, metrics: dict[str, float], step: int, run_dir: Path) -> str:
+    """Log `metrics` at the checkpoint's step to the training run, when its MLflow run is known and reachable: the
     run RUN_DIR/mlflow_run.json names (a checkpoint saved while the store was down has no run id), else the
     checkpoint's. Returns the run id, '' when not logged."""
     if not cfg.tracking.enabled:
@@ -90,6 +94,6 @@ def _log_to_run(states: dict, cfg: object, top1: float, step: int, run_dir: Path
     if not run_id:
         return ""
     tracker = Tracker.attach(uri, run_id)
-    tracker.log_metrics({"knn_top1": top1}, step)
+    tracker.log_metrics(metrics, step)
     tracker.finish()
     return tracker.run_id

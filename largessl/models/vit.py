@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.beit import Block as BEiTBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -35,9 +36,16 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool)
     return x
 
 
-def build_blocks(dim: int, depth: int, heads: int, drop_path_rate: float = 0.0) -> nn.ModuleList:
-    """Pre-norm blocks: qkv bias, LayerNorm eps 1e-6, GELU MLP x4, linearly increasing drop path."""
+def build_blocks(dim: int, depth: int, heads: int, drop_path_rate: float = 0.0,
+                 layer_scale: float | None = None) -> nn.ModuleList:
+    """Pre-norm blocks: qkv bias, LayerNorm eps 1e-6, GELU MLP x4, linearly increasing drop path.
+
+    With `layer_scale`, BEiT's blocks as CAE uses them (timm's beit.Block): per-channel scales gamma_1, gamma_2
+    initialised to `layer_scale` on both residual branches, and q and v biases with a fixed zero k bias."""
     rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+    if layer_scale is not None:
+        return nn.ModuleList(BEiTBlock(dim, heads, qkv_bias=True, mlp_ratio=4.0, drop_path=rate,
+                                       init_values=layer_scale, norm_layer=LayerNorm) for rate in rates)
     return nn.ModuleList(
         Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=LayerNorm, drop_path=rate) for rate in rates
     )
@@ -80,19 +88,46 @@ def init_dino_style(module: nn.Module) -> None:
             trunc_normal_(param, std=0.02)
 
 
-INITS = {"mae": init_mae_style, "dino": init_dino_style}
+@torch.no_grad()
+def init_cae_style(module: nn.Module) -> None:
+    """CAE's (BEiT's) init of one module's own parameters: Linear and Conv2d weights trunc-normal(0.02) cut at
+    +-1 sigma (the official helper passes a=-std, b=std), zero biases, LayerNorm (1, 0), `*_token` likewise
+    trunc-normal; layer scales keep their init value. `rescale_residual_branches` completes it."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        trunc_normal_(module.weight, std=0.02, a=-0.02, b=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    for name, param in module.named_parameters(recurse=False):
+        if name.endswith("_token"):
+            trunc_normal_(param, std=0.02, a=-0.02, b=0.02)
+
+
+@torch.no_grad()
+def rescale_residual_branches(blocks: nn.ModuleList, branches: tuple[str, str] = ("attn.proj", "mlp.fc2")) -> None:
+    """BEiT's rescale: the output projections of block l (1-based) divided by sqrt(2 l). Each Linear is touched
+    through its own `apply`, so ZeRO-3's zero.Init gathers just that one."""
+    for layer, block in enumerate(blocks, start=1):
+        for branch in branches:
+            block.get_submodule(branch).apply(lambda m, s=(2.0 * layer) ** 0.5: m.weight.div_(s))
+
+
+INITS = {"mae": init_mae_style, "dino": init_dino_style, "cae": init_cae_style}
 
 
 class ViTEncoder(nn.Module):
     """Patch embedding + [cls] + position embeddings + pre-norm blocks + final LayerNorm.
 
     Shapes: images [B, 3, H, W]; patch tokens [B, N, D] with N = (H/p)^2; keep_idx [B, K] patch indices.
-    `pos_embed` is "sincos" (fixed, MAE) or "learned" (DINO); `init` is "mae" or "dino".
+    `pos_embed` is "sincos" (fixed, MAE's layout), "sincos_rows_first" (fixed, CAE's) or "learned" (DINO); `init`
+    is "mae", "dino" or "cae"; `layer_scale` (CAE) makes the blocks BEiT's (see build_blocks).
     """
 
     def __init__(self, *, image_size: int, patch_size: int, dim: int, depth: int, heads: int,
                  drop_path_rate: float = 0.0, grad_checkpointing: bool = False, pos_embed: str = "sincos",
-                 init: str = "mae") -> None:
+                 init: str = "mae", layer_scale: float | None = None) -> None:
         super().__init__()
         self.dim, self.patch_size = dim, patch_size
         # Not strict about the input size: learned positions are resampled for other sizes (local crops).
@@ -103,11 +138,14 @@ class ViTEncoder(nn.Module):
         if self.learned_pos_embed:
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, dim))
         else:  # a fixed table, rebuilt from the grid on load, so it is not part of the state dict
-            self.register_buffer("pos_embed", sincos_2d(dim, self.grid_size)[None], persistent=False)
-        self.blocks = build_blocks(dim, depth, heads, drop_path_rate)
+            table = sincos_2d(dim, self.grid_size, rows_first=pos_embed == "sincos_rows_first")
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        self.blocks = build_blocks(dim, depth, heads, drop_path_rate, layer_scale)
         self.norm = LayerNorm(dim)
         self.grad_checkpointing = grad_checkpointing
         self.apply(INITS[init])
+        if init == "cae":
+            rescale_residual_branches(self.blocks)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, **overrides) -> ViTEncoder:
@@ -151,6 +189,12 @@ class ViTEncoder(nn.Module):
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
+
+    def forward_pooled(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """[B, D] after the final norm: the [cls] output ("cls") or the mean of the patch outputs ("mean"; for
+        CAE, which trains no [cls] loss). Through __call__, so ZeRO-3 gathers this module's own parameters."""
+        tokens = self(images)
+        return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
 
     def forward_cls(self, images: torch.Tensor) -> torch.Tensor:
         """[B, D]: the [cls] output after the final norm (the feature k-NN and linear probes read).

@@ -14,7 +14,8 @@ from largessl.objectives.config import OBJECTIVE_CONFIGS
 if TYPE_CHECKING:
     from largessl.objectives.base import Objective
 
-CLASSES = {"mae": "largessl.objectives.mae:MAE", "dino": "largessl.objectives.dino:DINO"}
+CLASSES = {"mae": "largessl.objectives.mae:MAE", "dino": "largessl.objectives.dino:DINO",
+           "cae": "largessl.objectives.cae:CAE"}
 assert CLASSES.keys() == OBJECTIVE_CONFIGS.keys()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from largessl.config.loader import require
+from largessl.data.masking import check_mask_count
 from largessl.models.config import ModelConfig
 
 
@@ -111,4 +112,82 @@ class DINOConfig:
                 f"{self.local_crop_size} is larger than the global crops (model.image_size {model.image_size})")
 
 
-OBJECTIVE_CONFIGS: dict[str, type] = {"mae": MAEConfig, "dino": DINOConfig}
+CAE_TARGETS = ("pixels", "dalle")
+
+
+@dataclass
+class CAEConfig:
+    """CAE (objective.name=cae): block masks, latent regressor, alignment, decoder, pixel or DALL-E token target."""
+
+    name: str = "cae"
+    """Objective name (selects this config section)."""
+    num_masked: int = 0
+    """Patches masked per image, exactly (block-wise masks); 0: half of them (98 of 196, 128 of 256)."""
+    min_block_patches: int = 16
+    """Smallest block the mask generator places (BEiT's min_num_patches; CAE passes 16)."""
+    target: str = "pixels"
+    """'pixels': normalised-pixel MSE on the masked patches (the CAE paper's RGB ablation); 'dalle': DALL-E dVAE
+    token ids of the same crop at 8 px per patch (the official target; needs objective.tokenizer_path)."""
+    tokenizer_path: str = ""
+    """The DALL-E dVAE encoder file (the official encoder.pkl), for target=dalle. It is a pickle: trusted files
+    only."""
+    norm_pix_loss: bool = True
+    """target=pixels: regress per-patch normalised pixels."""
+    align_weight: float = 2.0
+    """lambda: loss = main + lambda x MSE(predicted latents, encoder latents of the masked patches)."""
+    target_drop_path: bool = True
+    """Compute the alignment targets with drop path active, as the official code does (its alignment encoder is
+    in train mode); false: targets without drop path."""
+    regressor_depth: int = 4
+    """Cross-attention blocks of the latent contextual regressor."""
+    decoder_depth: int = 4
+    """Blocks of the decoder over the masked positions."""
+    decoder_dim: int = 0
+    """Width of regressor and decoder; 0: the encoder's (a Linear + LayerNorm projects when they differ)."""
+    decoder_heads: int = 0
+    """Attention heads of regressor and decoder; 0: the encoder's."""
+    layer_scale: float = 0.1
+    """Initial layer-scale gammas of the encoder blocks (CAE: 0.1 for ViT-B, 1e-5 for ViT-L)."""
+    decoder_layer_scale: float = 0.1
+    """Initial layer-scale gammas of the regressor and decoder blocks."""
+    fix_init_weight: bool = False
+    """Keep BEiT's init (trunc-normal + rescale); false re-initialises every Linear xavier-uniform, as the official
+    base runs do (the large run meant to pass --fix_init_weight)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range."""
+
+    def validate(self, prefix: str = "objective") -> None:
+        require(self.target in CAE_TARGETS, f"{prefix}.target", f"must be one of {', '.join(CAE_TARGETS)}")
+        require(self.target != "dalle" or bool(self.tokenizer_path), f"{prefix}.tokenizer_path",
+                "is required for objective.target=dalle: the DALL-E dVAE encoder file (encoder.pkl)")
+        require(self.min_block_patches >= 1, f"{prefix}.min_block_patches", "must be >= 1")
+        require(self.align_weight >= 0, f"{prefix}.align_weight", "must be >= 0")
+        for key in ("regressor_depth", "decoder_depth"):
+            require(getattr(self, key) > 0, f"{prefix}.{key}", "must be > 0")
+        for key in ("decoder_dim", "decoder_heads"):
+            require(getattr(self, key) >= 0, f"{prefix}.{key}", "must be >= 0 (0: the encoder's)")
+        require(self.layer_scale > 0 and self.decoder_layer_scale > 0, f"{prefix}.layer_scale",
+                "layer_scale and decoder_layer_scale must be > 0")
+        low, high = self.crop_scale
+        require(0 < low <= high <= 1, f"{prefix}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
+
+    def masked_count(self, model: ModelConfig) -> int:
+        return self.num_masked or model.num_patches // 2
+
+    def widths(self, model: ModelConfig) -> tuple[int, int]:
+        """(regressor/decoder width, heads)."""
+        dim, _, heads = model.dims
+        return self.decoder_dim or dim, self.decoder_heads or heads
+
+    def validate_with_model(self, model: ModelConfig) -> None:
+        check_mask_count("objective.num_masked", self.masked_count(model), model.num_patches, self.min_block_patches)
+        dim, heads = self.widths(model)
+        require(dim % heads == 0, "objective.decoder_heads", f"{heads} heads do not divide the width {dim}")
+        require(dim % 4 == 0, "objective.decoder_dim", f"{dim} is not a multiple of 4 (sin-cos positions)")
+
+    def input_files(self) -> dict[str, str]:
+        """Files the run reads besides datasets (checked before it starts): key -> path."""
+        return {"objective.tokenizer_path": self.tokenizer_path} if self.target == "dalle" else {}
+
+
+OBJECTIVE_CONFIGS: dict[str, type] = {"mae": MAEConfig, "dino": DINOConfig, "cae": CAEConfig}
