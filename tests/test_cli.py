@@ -64,6 +64,7 @@ BAD_INPUTS = [
     (["data.train=MINI", "eval.knn_every=5", "data.val=", "eval.knn_val="], "eval.knn_val: needs a dataset"),
     (["data.train=MINI", "eval.knn_every=5", "eval.knn_val=/no/such/dir"], "eval.knn_val: dataset directory"),
     (["data.train="], "data.train: is required"),
+    (["data.train=MINI", "distributed.precision=bf16"], "distributed.zero_stage: 0 cannot accumulate bf16 gradients"),
 ]
 
 

@@ -99,7 +99,12 @@ class PretrainConfig:
         require(self.optim.global_batch_size % per_step == 0, "optim.global_batch_size",
                 f"{self.optim.global_batch_size} is not a multiple of data.micro_batch_size x world size = "
                 f"{self.data.micro_batch_size} x {world_size}")
-        return self.optim.global_batch_size // per_step
+        accumulation = self.optim.global_batch_size // per_step
+        require(accumulation == 1 or self.distributed.zero_stage > 0 or self.distributed.precision != "bf16",
+                "distributed.zero_stage", f"0 cannot accumulate bf16 gradients ({accumulation} micro-batches per "
+                "step here; DeepSpeed's ZeRO-0 has no fp32 accumulation for a bf16 model): use zero_stage 1-3, "
+                "or a global batch of data.micro_batch_size x world size")
+        return accumulation
 
     def knn_datasets(self) -> dict[str, tuple[str, str]]:
         """The k-NN evaluation's neighbours and queries: key -> (dataset directory, split)."""

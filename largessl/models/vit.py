@@ -44,11 +44,21 @@ def build_blocks(dim: int, depth: int, heads: int, drop_path_rate: float = 0.0,
     initialised to `layer_scale` on both residual branches, and q and v biases with a fixed zero k bias."""
     rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
     if layer_scale is not None:
-        return nn.ModuleList(BEiTBlock(dim, heads, qkv_bias=True, mlp_ratio=4.0, drop_path=rate,
-                                       init_values=layer_scale, norm_layer=LayerNorm) for rate in rates)
+        blocks = nn.ModuleList(BEiTBlock(dim, heads, qkv_bias=True, mlp_ratio=4.0, drop_path=rate,
+                                         init_values=layer_scale, norm_layer=LayerNorm) for rate in rates)
+        for block in blocks:
+            block.attn.register_forward_pre_hook(_k_bias_follows_q_bias)
+        return blocks
     return nn.ModuleList(
         Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=LayerNorm, drop_path=rate) for rate in rates
     )
+
+
+def _k_bias_follows_q_bias(attn: nn.Module, args: tuple) -> None:
+    """timm's BEiT attention concatenates its fixed zero k bias, a buffer, with q_bias and v_bias. DeepSpeed casts
+    parameters but not buffers to bf16/fp16 (below ZeRO-3), so keep the buffer in the parameters' dtype."""
+    if attn.k_bias.dtype != attn.q_bias.dtype:
+        attn.k_bias = attn.k_bias.to(attn.q_bias.dtype)
 
 
 @torch.no_grad()
