@@ -411,7 +411,7 @@ def test_evaluation_logs_to_the_run_in_mlflow_run_json(server: Server, tmp_path:
     job.finish()
     states = {"mlflow_run_id": "", "tracking_uri": ""}  # a checkpoint saved while the store was down
     cfg = SimpleNamespace(tracking=TrackingConfig(experiment="eval"))
-    assert _log_to_run(states, cfg, 0.25, 7, run_dir) == job.run_id
+    assert _log_to_run(states, cfg, {"knn_top1": 0.25}, 7, run_dir) == job.run_id
     assert history(server.uri, job.run_id, "knn_top1") == [(7, 0.25)]
     assert client(server.uri).get_run(job.run_id).info.status == "FINISHED"
     dead = f"http://127.0.0.1:{free_port()}"
