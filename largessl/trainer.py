@@ -98,7 +98,7 @@ class Trainer:
         return int(self.ds_config["zero_optimization"]["stage"])
 
     def note(self, message: str) -> None:
-        """A start-up line, from rank 0."""
+        """A line on stdout from rank 0 (the other ranks would print the same)."""
         if self.env.is_main:
             say(message)
 
@@ -160,9 +160,8 @@ class Trainer:
             return None
         params = dict(module.named_parameters())
         teacher = EMATeacher(self.engine, [(t, params[t], params[s]) for t, s in names])
-        if self.env.is_main:
-            say(f"EMA teacher: {len(names)} tensors, {self.engine.master_layout} fp32 state, "
-                f"{teacher.memory_bytes() / 2**20:.1f} MiB per rank")
+        self.note(f"EMA teacher: {len(names)} tensors, {self.engine.master_layout} fp32 state, "
+                  f"{teacher.memory_bytes() / 2**20:.1f} MiB per rank")
         return teacher
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
@@ -176,7 +175,7 @@ class Trainer:
         client_state = checkpointing.load(self.engine, self.teacher, self.ckpt_dir, choice.tag)
         if self.env.is_main:
             checkpointing.set_aside_damaged(self.run, choice)
-            say(f"resumed from {self.ckpt_dir / choice.tag} (step {client_state['step']})")
+        self.note(f"resumed from {self.ckpt_dir / choice.tag} (step {client_state['step']})")
         return client_state
 
     def _restore(self, client_state: dict[str, Any] | None) -> DataPosition:
@@ -193,9 +192,8 @@ class Trainer:
         fraction = float(client_state["epoch"]) % 1.0
         epoch = int(client_state["epoch"])
         batches = int(fraction * self.plan.batches_per_slot)
-        if self.env.is_main:
-            say("warning: world size, workers or micro-batch changed since the checkpoint: the data order "
-                f"continues from the same point of epoch {epoch} but not sample for sample")
+        self.note("warning: world size, workers or micro-batch changed since the checkpoint: the data order "
+                  f"continues from the same point of epoch {epoch} but not sample for sample")
         state = ReaderState(epoch=epoch, raw_pos=batches * self.plan.batch_size, batches=batches)
         readers = {r: state for r in range(max(1, self.cfg.data.num_workers))}
         return DataPosition(readers, self.step * self.accumulation)
@@ -290,8 +288,7 @@ class Trainer:
         for index, group in enumerate(self.engine.param_groups):
             if group.get("frozen_steps", 0) and self.step == group["frozen_steps"]:
                 self.engine.reset_optimizer_state(index)
-                if self.env.is_main:
-                    say(f"step {self.step}: parameter group {group['name']} starts training")
+                self.note(f"step {self.step}: parameter group {group['name']} starts training")
 
     def _report(self, interval: Interval, lr: float, wd: float, grad_norm: float | None) -> None:
         sync(self.env.device)
@@ -309,8 +306,7 @@ class Trainer:
         })
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
-        if self.env.is_main:
-            say(progress_line(self.step, self.cfg.trainer.max_steps, metrics, keys))
+        self.note(progress_line(self.step, self.cfg.trainer.max_steps, metrics, keys))
         self._log(metrics)
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -345,10 +341,9 @@ class Trainer:
                                  num_workers=self.cfg.data.num_workers, image_size=self.cfg.model.image_size)
 
     def _log_knn(self) -> None:
-        top1 = self.knn_accuracy()
-        if self.env.is_main:
-            say(f"step {self.step} | {knn_metric(self.cfg.eval.knn_pool)} {top1:.4f}")
-        self._log({knn_metric(self.cfg.eval.knn_pool): top1})
+        top1, metric = self.knn_accuracy(), knn_metric(self.cfg.eval.knn_pool)
+        self.note(f"step {self.step} | {metric} {top1:.4f}")
+        self._log({metric: top1})
 
     def client_state(self) -> dict[str, Any]:
         return {

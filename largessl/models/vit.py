@@ -36,13 +36,18 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool)
     return x
 
 
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 at the first block to `drop_path_rate` at the last."""
+    return [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+
+
 def build_blocks(dim: int, depth: int, heads: int, drop_path_rate: float = 0.0,
                  layer_scale: float | None = None) -> nn.ModuleList:
     """Pre-norm blocks: qkv bias, LayerNorm eps 1e-6, GELU MLP x4, linearly increasing drop path.
 
     With `layer_scale`, BEiT's blocks as CAE uses them (timm's beit.Block): per-channel scales gamma_1, gamma_2
     initialised to `layer_scale` on both residual branches, and q and v biases with a fixed zero k bias."""
-    rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+    rates = drop_path_rates(drop_path_rate, depth)
     if layer_scale is not None:
         blocks = nn.ModuleList(BEiTBlock(dim, heads, qkv_bias=True, mlp_ratio=4.0, drop_path=rate,
                                          init_values=layer_scale, norm_layer=LayerNorm) for rate in rates)

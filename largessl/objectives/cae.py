@@ -39,13 +39,14 @@ from largessl.models.vit import (
     LayerNorm,
     ViTEncoder,
     build_blocks,
+    drop_path_rates,
     init_cae_style,
     rescale_residual_branches,
     run_blocks,
 )
 from largessl.objectives.base import Objective, SampleTransform
 from largessl.objectives.config import CAEConfig
-from largessl.objectives.mae import patchify
+from largessl.objectives.mae import normalize_patches, patchify
 
 TOKENIZER_PATCH = 8  # the DALL-E dVAE downsamples by 8: one token per 8 x 8 pixels of its input
 
@@ -76,9 +77,8 @@ class LatentRegressor(nn.Module):
 
     def __init__(self, dim: int, depth: int, heads: int, *, drop_path_rate: float, layer_scale: float) -> None:
         super().__init__()
-        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList(RegressorBlock(dim, heads, drop_path=rate, layer_scale=layer_scale)
-                                    for rate in rates)
+                                    for rate in drop_path_rates(drop_path_rate, depth))
         self.norm = LayerNorm(dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.apply(init_cae_style)
@@ -167,7 +167,7 @@ class CAE(Objective):
         if self.tokenizer is None:
             target = gather_tokens(patchify(batch["image"].float(), self.encoder.patch_size), masked)
             if self.cfg.norm_pix_loss:
-                target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+                target = normalize_patches(target)
             return {"loss_main": F.mse_loss(logits.float(), target)}
         labels = torch.gather(self.tokenizer.token_ids(batch["tokenizer_image"]), 1, masked)
         flat = logits.float().flatten(0, 1)

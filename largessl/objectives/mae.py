@@ -47,6 +47,13 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(b, gh * gw, patch_size * patch_size * c)
 
 
+def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
+    """Each patch [..., p*p*3] to zero mean and unit variance (unbiased, eps 1e-6), as MAE's norm_pix_loss."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)  # unbiased, as in the official code
+    return (patches - mean) / (var + 1e-6) ** 0.5
+
+
 class MAEDecoder(nn.Module):
     """Lightweight decoder over all N + 1 tokens: embed, mask tokens, un-shuffle, blocks, pixel prediction."""
 
@@ -104,9 +111,7 @@ class MAE(Objective):
         """Mean squared error over the masked patches of the batch, in fp32."""
         target = patchify(images.float(), self.encoder.patch_size)
         if self.cfg.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)  # unbiased, as in the official code
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            target = normalize_patches(target)
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
