@@ -8,6 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from largessl.console import err_line
 from largessl.errors import UserError, is_lost_peer, one_line
 
 
@@ -15,7 +16,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (exit code 2) instead of usage + error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        err_line(f"{self.prog}: error: {message} (see {self.prog} --help)")
         sys.exit(2)
 
 
@@ -126,21 +127,20 @@ def report_failure(exc: BaseException) -> int:
 
     if isinstance(exc, SharedError):  # the same on every rank: rank 0 says it
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"largessl: error: {one_line(exc)}", file=sys.stderr)
+            err_line(f"largessl: error: {one_line(exc)}")
         return 2
     if isinstance(exc, UserError):
-        print(f"largessl: error: {rank_prefix()}{one_line(exc)}", file=sys.stderr)
+        err_line(f"largessl: error: {rank_prefix()}{one_line(exc)}")
         return 2
     if isinstance(exc, OSError):
-        print(f"largessl: error: {rank_prefix()}{exc}", file=sys.stderr)
+        err_line(f"largessl: error: {rank_prefix()}{exc}")
         return 2
     if is_lost_peer(exc):
-        print(f"largessl: error: {rank_prefix()}lost contact with another rank, which probably failed (its error "
-              f"is above): {one_line(exc)[:300]}", file=sys.stderr)
+        err_line(f"largessl: error: {rank_prefix()}lost contact with another rank, which probably failed (its error "
+                 f"is above): {one_line(exc)[:300]}")
         return 1
     traceback.print_exception(exc)
-    print(f"largessl: error: {rank_prefix()}{type(exc).__name__}: {one_line(exc)} (a bug: the traceback is above)",
-          file=sys.stderr)
+    err_line(f"largessl: error: {rank_prefix()}{type(exc).__name__}: {one_line(exc)} (a bug: the traceback is above)")
     return 1
 
 

@@ -27,6 +27,7 @@ from typing import IO, Any
 import yaml
 
 from largessl.config.loader import flatten
+from largessl.console import err_line
 from largessl.errors import UserError
 
 LOCK, RANKS = ".lock", ".lock.ranks"
@@ -117,8 +118,8 @@ class RunDir:
         except OSError as exc:
             if exc.errno not in UNSUPPORTED:
                 raise
-            print(f"warning: cannot lock {self.path} on this filesystem ({exc.strerror}); nothing keeps a second "
-                  "job from using this run directory at the same time", file=sys.stderr, flush=True)
+            err_line(f"warning: cannot lock {self.path} on this filesystem ({exc.strerror}); nothing keeps a second "
+                     "job from using this run directory at the same time")
             return ""
 
     def lock_as_rank(self, rank: int) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from functools import partial
 from typing import Any
 
@@ -17,6 +16,7 @@ from largessl import checkpoint, checkpointing, rng
 from largessl.config.load import dump_config
 from largessl.config.loader import flatten, to_dict
 from largessl.config.schema import PretrainConfig
+from largessl.console import err_line
 from largessl.data.build import build_eval_loader, build_train_loader, describe_plan, plan_training
 from largessl.data.index import open_split
 from largessl.data.loader import DataPosition, ReaderState, kill_workers
@@ -386,8 +386,8 @@ class Trainer:
         if self.stop_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if not self.stop_signal:
-            print(f"received {signal.Signals(signum).name}: saving a checkpoint within {STOP_CHECK_EVERY} steps, "
-                  "then stopping (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            err_line(f"received {signal.Signals(signum).name}: saving a checkpoint within {STOP_CHECK_EVERY} steps, "
+                     "then stopping (Ctrl-C again to stop at once)")
         self.stop_signal = signum
 
     def _say_done(self) -> None:

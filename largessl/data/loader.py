@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils import signal_handling
 
+from largessl.console import err_line
 from largessl.data.index import SplitIndex
 from largessl.data.stream import RawSample, StreamPlan, derive_seed, read_range
 from largessl.errors import DataError
@@ -76,7 +76,7 @@ class CorruptLog:
 
     def record(self, sample: RawSample, epoch: int) -> None:
         entry = {"key": sample.get("__key__"), "shard": sample.get("__url__"), "rank": self.rank, "epoch": epoch}
-        print(f"warning: skipped undecodable image {entry['key']} in {entry['shard']}", file=sys.stderr, flush=True)
+        err_line(f"warning: skipped undecodable image {entry['key']} in {entry['shard']}")
         if self.path:
             with open(self.path, "a") as f:  # one short append per line: safe across worker processes
                 f.write(json.dumps(entry) + "\n")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from largessl.console import err_line
 from largessl.data.index import Shard
 from largessl.errors import DataError
 
@@ -55,7 +55,7 @@ def warn_once(key: str, message: str) -> None:
     """One warning per shard and process (a worker reads a shard again every epoch)."""
     if key not in _warned:
         _warned.add(key)
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        err_line(f"warning: {message}")
 
 
 def verify_hint(shards: tuple[Shard, ...] | list[Shard]) -> str:

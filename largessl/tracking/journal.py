@@ -5,12 +5,12 @@ metrics.jsonl it has received)."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from largessl.console import err_line
 from largessl.errors import UserError
 from largessl.files import write_atomic
 
@@ -21,7 +21,7 @@ RECORDS_PER_TAKE = 500  # lines of metrics.jsonl read into memory at a time
 
 def warn(message: str) -> None:
     try:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        err_line(f"warning: {message}")
     except (OSError, ValueError):  # stderr closed: interpreter shutdown
         pass
 
