@@ -91,9 +91,13 @@ def pretrain(args: argparse.Namespace) -> int:
     check_pretrain(cfg)  # before torch is imported: a wrong path or batch size is said in a second
     if os.environ.get("RANK", "0") == "0":
         print(f"run {Path(cfg.run.output_dir) / cfg.run.name}: loading PyTorch, DeepSpeed and timm", flush=True)
+    from largessl.launch.slurm import requeue_after
     from largessl.trainer import Trainer
 
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    code = trainer.train()
+    requeue_after(code, trainer.env.is_main)  # on the time-limit signal, the job comes back and resumes
+    return code
 
 
 def eval_knn(args: argparse.Namespace) -> int:

@@ -1,22 +1,20 @@
 """Lines on stderr that stay whole when several processes share it.
 
-`print` writes the text and its newline separately when stderr is unbuffered (PYTHONUNBUFFERED, `python -u`,
-which SLURM users often set), so a DataLoader worker's warning and a rank's error line could run together on
-one line. One `os.write` of a line shorter than PIPE_BUF is atomic on a pipe and is not split on a terminal.
+`print` writes the text and its newline in two calls, which are two system calls when stderr is unbuffered
+(PYTHONUNBUFFERED, `python -u`, which SLURM users often set): a DataLoader worker's warning and a rank's error
+line could then run together on one line. A line handed over in one write is one system call, and one write of
+less than PIPE_BUF bytes to a pipe is never interleaved with another process's.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 
 def err_line(text: str) -> None:
-    """Write `text` and a newline to stderr in one system call, after whatever Python still buffers there."""
+    """Write `text` and its newline to stderr in one call, and flush."""
     try:
+        sys.stderr.write(text + "\n")
         sys.stderr.flush()
     except (RuntimeError, ValueError):  # re-entered from a signal handler mid-write, or stderr closed
         pass
-    data = (text + "\n").encode("utf-8", "backslashreplace")
-    while data:
-        data = data[os.write(2, data):]

@@ -13,6 +13,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -55,3 +56,20 @@ class StopSignals:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous.clear()
+
+
+class SaveClock:
+    """trainer.ckpt_every_minutes: due once that long has passed since the last checkpoint (or the start), so a
+    preempted or killed job loses at most that much work, whatever the step time. 0 disables it."""
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period_s = minutes * 60.0
+        self.clock = clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        return self.period_s > 0 and self.clock() - self.last >= self.period_s
+
+    def restart(self) -> None:
+        """A checkpoint was just written."""
+        self.last = self.clock()

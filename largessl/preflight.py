@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 from largessl.config.schema import PretrainConfig
-from largessl.data.index import open_split
+from largessl.data.index import SplitIndex, open_split
 from largessl.distributed.env import read_env
+from largessl.epochs import resolve
 from largessl.errors import ConfigError, UserError
 
 NEEDS = {"data.train": "is required: a shard dataset directory (docs/shard-format.md; python -m data_tools writes one)",
@@ -27,8 +28,8 @@ def check_pretrain(cfg: PretrainConfig) -> None:
     rank, world_size, _ = read_env()
     cfg.accumulation_steps(world_size)
     if rank == 0:
-        for key, (root, split) in cfg.datasets().items():
-            check_dataset(key, root, split)
+        found = {key: check_dataset(key, root, split) for key, (root, split) in cfg.datasets().items()}
+        resolve(cfg, found["data.train"].num_samples)  # a schedule in epochs needs at least one step per epoch
         for key, path in getattr(cfg.objective, "input_files", dict)().items():
             check_file(key, path)
 
@@ -42,11 +43,11 @@ def check_file(key: str, path: str) -> None:
         raise ConfigError(f"{key}: '{path}' cannot be read (permission denied)")
 
 
-def check_dataset(key: str, root: str, split: str) -> None:
+def check_dataset(key: str, root: str, split: str) -> SplitIndex:
     """`root` names a dataset directory with `split` and all its shards; the error names `key`."""
     if not root:
         raise ConfigError(f"{key}: {NEEDS.get(key, 'is required: a shard dataset directory')}")
-    open_split(root, split, key)
+    return open_split(root, split, key)
 
 
 def check_eval_knn(checkpoint: Path, datasets: dict[str, tuple[str, str]]) -> None:

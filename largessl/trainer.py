@@ -5,21 +5,20 @@ Model and objective code is single-device PyTorch; DeepSpeed lives behind `distr
 
 from __future__ import annotations
 
-import os
 import signal
 from functools import partial
 from typing import Any
 
 import torch
 
-from largessl import checkpoint, checkpointing, rng
+from largessl import checkpoint, checkpointing, epochs, rng
 from largessl.config.load import dump_config
 from largessl.config.loader import flatten, to_dict
 from largessl.config.schema import PretrainConfig
 from largessl.console import err_line
 from largessl.data.build import build_eval_loader, build_train_loader, describe_plan, plan_training
 from largessl.data.index import open_split
-from largessl.data.loader import DataPosition, ReaderState, kill_workers
+from largessl.data.loader import DataPosition, kill_workers
 from largessl.data.transforms import EvalTransform
 from largessl.distributed import comm
 from largessl.distributed.ema import EMATeacher
@@ -28,7 +27,8 @@ from largessl.errors import SharedError, UserError
 from largessl.eval.config import knn_metric
 from largessl.eval.knn import extract_features, knn_top1
 from largessl.health import FiniteGuard, decode_first_bad, diverged
-from largessl.lifecycle import StopSignals
+from largessl.launch import slurm
+from largessl.lifecycle import SaveClock, StopSignals
 from largessl.objectives import objective_class
 from largessl.optim.param_groups import build_param_groups
 from largessl.optim.schedules import apply_schedules
@@ -53,6 +53,8 @@ class Trainer:
         self.closed = False
         self.step = 0
         self.stop_signal = 0
+        self.resumes = 0
+        self.save_clock = SaveClock(cfg.trainer.ckpt_every_minutes)
         try:
             self._build()
         except BaseException:
@@ -65,7 +67,12 @@ class Trainer:
         self.config_text = dump_config(cfg)
         self._take_run_dir()
         self.train_index = open_split(cfg.data.train, cfg.data.train_split, "data.train")
-        self.plan = plan_training(cfg.data, self.train_index, seed=cfg.trainer.seed, world_size=self.env.world_size)
+        self.cfg, resolved = epochs.resolve(cfg, self.train_index.num_samples)
+        cfg = self.cfg
+        if resolved:
+            self.note(f"schedule in epochs: {'; '.join(resolved)}")
+        self.plan = plan_training(cfg.data, self.train_index, seed=cfg.trainer.seed, world_size=self.env.world_size,
+                                  global_batch=cfg.optim.global_batch_size)
         self.ds_config = deepspeed_config(cfg.distributed, micro_batch=cfg.data.micro_batch_size,
                                           accumulation=self.accumulation, world_size=self.env.world_size,
                                           grad_clip=cfg.optim.grad_clip)
@@ -183,27 +190,31 @@ class Trainer:
         if client_state is None:
             return DataPosition()
         self.step = int(client_state["step"])
+        self.resumes = int(client_state.get("resumes", 0)) + 1
         same_layout = (client_state["world_size"] == self.env.world_size
                        and client_state["num_workers"] == self.cfg.data.num_workers
                        and client_state["micro_batch_size"] == self.cfg.data.micro_batch_size)
         if same_layout:
             rng.restore_rng(client_state["rng"][self.env.rank])
             return DataPosition.from_state_dict(client_state["data"][self.env.rank])
-        fraction = float(client_state["epoch"]) % 1.0
-        epoch = int(client_state["epoch"])
-        batches = int(fraction * self.plan.batches_per_slot)
-        self.note("warning: world size, workers or micro-batch changed since the checkpoint: the data order "
-                  f"continues from the same point of epoch {epoch} but not sample for sample")
-        state = ReaderState(epoch=epoch, raw_pos=batches * self.plan.batch_size, batches=batches)
-        readers = {r: state for r in range(max(1, self.cfg.data.num_workers))}
-        return DataPosition(readers, self.step * self.accumulation)
+        position, exact = DataPosition.continued(
+            self.plan, samples=int(client_state["samples_seen"]), epoch=float(client_state["epoch"]),
+            rank=self.env.rank, world_size=self.env.world_size, num_workers=self.cfg.data.num_workers,
+            micro_batches=self.step * self.accumulation)
+        self.note(f"world size, workers or micro-batch changed since the checkpoint ({client_state['world_size']} "
+                  f"rank(s) then, {self.env.world_size} now): " + (
+                      "the data order continues sample for sample (data.order=global)" if exact else
+                      f"warning: the data order continues from the same point of epoch {int(client_state['epoch'])} "
+                      "but not sample for sample (docs/slurm.md; data.order=global continues exactly)"))
+        return position
 
     def _start_tracking(self, client_state: dict[str, Any] | None) -> NullTracker:
         if not self.env.is_main:
             return NullTracker()
         tags = {"method": self.cfg.objective.name, "model": self.cfg.model.name,
-                "world_size": str(self.env.world_size), "git_commit": git_commit(),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "run_dir": str(self.run_dir.resolve())}
+                "world_size": str(self.env.world_size), "git_commit": git_commit(), "slurm_job_id": slurm.job_id(),
+                "slurm_restart_count": str(slurm.restart_count()), "resumes": str(self.resumes),
+                "run_dir": str(self.run_dir.resolve())}
         params = {**flatten(to_dict(self.cfg)), "derived.world_size": self.env.world_size,
                   "derived.accumulation_steps": self.accumulation, "derived.peak_lr": self.cfg.optim.peak_lr()}
         client_state = client_state or {}
@@ -213,6 +224,8 @@ class Trainer:
                                 fallback_uri=client_state.get("tracking_uri", ""))
         for name in ("config.yaml", "ds_config.json"):  # re-logged on resume: the config may have changed
             tracker.log_artifact(self.run_dir / name)
+        if self.resumes:  # the run's history shows every restart at the step it resumed from
+            tracker.log_metrics({"resumes": self.resumes, "slurm_restart_count": slurm.restart_count()}, self.step)
         return tracker
 
     # ----------------------------------------------------------------- the loop
@@ -247,7 +260,8 @@ class Trainer:
             if report:
                 self._report(interval, lr, wd, grad_norm)
                 interval.reset()
-            stopping = self._check(report or saving)
+            stopping, timed = self._check(report or saving)
+            saving = saving or timed
             if self.cfg.eval.knn_every and self.step % self.cfg.eval.knn_every == 0:
                 with interval.paused():
                     self._log_knn()
@@ -314,7 +328,7 @@ class Trainer:
         self.tracker.log_metrics(metrics, self.step)
 
     def epoch(self) -> float:
-        return self.step * self.cfg.optim.global_batch_size / (self.plan.num_slots * self.plan.samples_per_slot)
+        return self.step * self.cfg.optim.global_batch_size / self.plan.epoch_samples
 
     # ----------------------------------------------------------------- evaluation, checkpoints, signals
 
@@ -355,6 +369,7 @@ class Trainer:
             "micro_batch_size": self.cfg.data.micro_batch_size,
             "data": comm.all_gather_object(self.position.state_dict()),
             "rng": comm.all_gather_object(rng.capture_rng()),
+            "resumes": self.resumes,
             "mlflow_run_id": self.tracker.run_id,
             "tracking_uri": self.tracker.uri,
             "objective": self.engine.module.extra_state(),
@@ -367,20 +382,23 @@ class Trainer:
                            layout={"zero_stage": self.cfg.distributed.zero_stage, "world_size": self.env.world_size,
                                    "precision": self.cfg.distributed.precision},
                            keep_last=self.cfg.trainer.keep_last, is_main=self.env.is_main)
+        self.save_clock.restart()
 
-    def _check(self, due: bool) -> bool:
-        """Whether to stop for a signal; raises when any rank's loss or gradient norm went non-finite. All ranks
-        ask at the same steps: one small collective (a device sync), so only every STOP_CHECK_EVERY steps, at
-        reports and before checkpoints: a preempted or diverged job stops within that many steps."""
+    def _check(self, due: bool) -> tuple[bool, bool]:
+        """(stop for a signal, save for trainer.ckpt_every_minutes); raises when any rank's loss or gradient norm
+        went non-finite. All ranks ask at the same steps: one small collective (a device sync), so only every
+        STOP_CHECK_EVERY steps, at reports and before checkpoints: a preempted or diverged job stops within that
+        many steps. Rank 0's clock decides the timed saves, so every rank saves at the same step."""
         if not due and self.step % STOP_CHECK_EVERY:
-            return False
-        stop, bad = comm.all_reduce_max(torch.stack([
+            return False, False
+        timed = self.env.is_main and self.save_clock.due()
+        stop, bad, save = comm.all_reduce_max(torch.stack([
             torch.tensor(float(self.stop_signal), dtype=torch.float64, device=self.env.device),
-            self.guard.encoded()]))
+            self.guard.encoded(), torch.tensor(float(timed), dtype=torch.float64, device=self.env.device)]))
         first_bad = decode_first_bad(bad)
         if first_bad is not None:
             raise diverged(first_bad, checkpoint.newest_complete(self.ckpt_dir))
-        return stop > 0
+        return bool(stop > 0), bool(save > 0)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self.stop_signal and signum == signal.SIGINT:

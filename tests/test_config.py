@@ -10,6 +10,7 @@ import pytest
 
 from largessl.cli import main
 from largessl.config.load import config_from_yaml_text, dump_config, list_recipes, load_config
+from largessl.epochs import resolve
 from largessl.errors import ConfigError
 
 DEBUG = "debug/mae_vit_tiny"
@@ -47,7 +48,8 @@ def test_dino_recipes_resolve_with_the_papers_settings() -> None:
     vitb = load_config("pretrain/dino_vitb16", ["data.train=/x", "data.val=/y"])
     assert (vitb.objective.out_dim, vitb.objective.local_crops, vitb.optim.peak_lr()) == (65536, 10, 2e-3)
     vits = load_config("pretrain/dino_vits16", ["data.train=/x", "data.val=/y"])
-    assert vits.objective.local_crops == 8 and vits.objective.freeze_last_layer_steps == 1251
+    assert vits.objective.local_crops == 8 and vits.objective.freeze_last_layer_epochs == 1
+    assert resolve(vits, 1_281_167)[0].objective.freeze_last_layer_steps == 1251  # ImageNet-1k at 1024
 
 
 @pytest.mark.parametrize(("override", "closest"), [

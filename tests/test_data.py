@@ -91,6 +91,58 @@ def test_global_order_does_not_depend_on_the_number_of_readers(tmp_path: Path) -
     assert interleaved == one
 
 
+def global_steps(plan: StreamPlan, *, world: int, workers: int, accumulation: int, steps: int,
+                 start: dict[int, DataPosition] | None = None) -> list[set[str]]:
+    """The sample keys of each optimizer step, as the trainer consumes them: rank r's micro-batch j comes from its
+    reader j mod workers (the DataLoader's round robin), each reader making its slot's batches epoch by epoch."""
+    def reader_batches(rank: int, reader: int):
+        slot = reader * world + rank
+        state = start[rank].readers[reader] if start else None
+        epoch, skip = (state.epoch, state.raw_pos) if state else (0, 0)
+        while True:
+            count = plan.batches_in_epoch(epoch, slot) * plan.batch_size - skip
+            samples = keys(itertools.islice(plan.stream(epoch, slot), skip, skip + count))
+            yield from (samples[i:i + plan.batch_size] for i in range(0, len(samples), plan.batch_size))
+            epoch, skip = epoch + 1, 0
+
+    first = start[0].micro_batches if start else 0
+    readers = {(r, w): reader_batches(r, w) for r in range(world) for w in range(workers)}
+    out = []
+    for step in range(steps):
+        batch: set[str] = set()
+        for j in range(step * accumulation, (step + 1) * accumulation):
+            for rank in range(world):
+                batch.update(next(readers[rank, (first + j) % workers]))
+        out.append(batch)
+    return out
+
+
+def test_global_order_steps_are_the_same_for_any_layout_across_epochs(tmp_path: Path) -> None:
+    # 127 samples, global batch 24: 5 steps per epoch whatever the ranks, workers and micro-batch size; 12 steps
+    # cross two epoch boundaries. A run resumed on another layout at step 7 continues with the same samples.
+    root = uneven_dataset(tmp_path / "d", [50, 77])
+    layouts = [(1, 1, 24, 1), (1, 4, 4, 6), (2, 1, 12, 1), (2, 2, 4, 3), (1, 7, 4, 6), (2, 3, 2, 6)]  # world, workers,
+    # micro-batch, accumulation; epochs of 30 micro-batches do not divide over 4 or 7 readers
+    runs = []
+    for world, workers, micro, accumulation in layouts:
+        plan = plan_for(root, slots=world * workers, batch=micro, order="global", shuffle_buffer=30, global_batch=24)
+        assert plan.epoch_samples == 120
+        runs.append(global_steps(plan, world=world, workers=workers, accumulation=accumulation, steps=12))
+    assert all(len(step) == 24 for step in runs[0])
+    assert all(run == runs[0] for run in runs[1:])
+    assert len(set().union(*runs[0][:5])) == 120  # an epoch never repeats a sample
+    for world, workers, micro, accumulation in layouts[1:]:
+        plan = plan_for(root, slots=world * workers, batch=micro, order="global", shuffle_buffer=30, global_batch=24)
+        start = {}
+        for rank in range(world):
+            start[rank], exact = DataPosition.continued(plan, samples=7 * 24, epoch=7 / 5, rank=rank,
+                                                        world_size=world, num_workers=workers,
+                                                        micro_batches=7 * accumulation)
+            assert exact
+        resumed = global_steps(plan, world=world, workers=workers, accumulation=accumulation, steps=5, start=start)
+        assert resumed == runs[0][7:12]
+
+
 def test_resampled_mode_is_endless_and_seeded(tmp_path: Path) -> None:
     plan = plan_for(uneven_dataset(tmp_path / "d", [30, 30]), slots=2, batch=8, resampled=True)
     taken = keys(itertools.islice(plan.stream(0, 1), 200))  # far beyond the 60 samples there are

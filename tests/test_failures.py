@@ -390,3 +390,25 @@ def test_shards_that_yield_no_samples_stop_instead_of_spinning(tmp_path: Path) -
         line = one_line_error(run_largessl(args(data, "spin", "data.num_workers=1", *extra), tmp_path, timeout=120))
         assert re.search(expected, line), line
         assert time.monotonic() - started < 60
+
+
+def test_timed_checkpoint_killed_mid_write_is_never_resumed_from(mini_shards: Path, tmp_path: Path) -> None:
+    # trainer.ckpt_every_minutes alone (ckpt_every far away) saves at the checks every 10 steps; the job is
+    # SIGKILLed while its second checkpoint is being written: the rerun resumes from the first.
+    common = args(mini_shards, "midwrite", "data.num_workers=0", "data.micro_batch_size=16",
+                  "optim.global_batch_size=16", "trainer.log_every=10", "trainer.ckpt_every=1000",
+                  "trainer.ckpt_every_minutes=0.0001")
+    job = start([*common, "trainer.max_steps=100"], tmp_path)
+    ckpt = tmp_path / "runs" / "midwrite" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not any((ckpt / "step_00000020").glob("*.pt")):
+        assert time.monotonic() < deadline and job.poll() is None, job.stderr.read()[-3000:] if job.poll() else ""
+        time.sleep(0.001)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    assert (ckpt / "step_00000010" / "complete.json").is_file()
+    assert not (ckpt / "step_00000020" / "complete.json").is_file()  # killed mid-write
+    result = run_largessl([*common, "trainer.max_steps=12"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoints: step_00000020 was never completely written (ignored)" in result.stdout
+    assert "(step 10)" in result.stdout and "resumed from" in result.stdout

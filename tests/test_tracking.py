@@ -679,4 +679,7 @@ def test_training_with_the_server_down_at_start_reaches_one_run_on_resume(
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
     assert steps == [1, 2, 3, 4, 5], steps  # the first job ended with a checkpoint of step 3: nothing repeated
     state = json.loads((tmp_path / "runs" / "late" / "mlflow_run.json").read_text())
-    assert state["run_id"] == runs[0].info.run_id and state["sent_records"] == 5
+    assert state["run_id"] == runs[0].info.run_id and state["sent_records"] == 6  # 5 steps + the resume's record
+    resumes = client.get_metric_history(runs[0].info.run_id, "resumes")
+    assert [(m.step, m.value) for m in resumes] == [(3, 1.0)]  # the history shows the restart and its step
+    assert runs[0].data.tags["resumes"] == "1"

@@ -14,6 +14,7 @@ import yaml
 
 from largessl.config.loader import build, merge, parse_overrides, read_yaml, to_dict
 from largessl.config.schema import PretrainConfig
+from largessl.epochs import settle_pairs
 from largessl.errors import ConfigError
 from largessl.objectives.config import OBJECTIVE_CONFIGS
 
@@ -84,7 +85,9 @@ def _field_names(cls: type) -> set[str]:
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> PretrainConfig:
     """Defaults < recipe YAML < `key=value` overrides; validated; run.name defaults to the recipe's stem."""
     recipe = find_recipe(name_or_path)
-    tree = merge(read_yaml(recipe), parse_overrides(overrides or []))
+    base, given = read_yaml(recipe), parse_overrides(overrides or [])
+    settle_pairs(base, given)
+    tree = merge(base, given)
     tree.setdefault("objective", {})
     cfg = build(PretrainConfig, tree, choose=lambda name, section: _objective_config_class(section))
     if not cfg.run.name:

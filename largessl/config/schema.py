@@ -8,6 +8,7 @@ from typing import Any
 from largessl.config.loader import require
 from largessl.data.config import DataConfig
 from largessl.distributed.config import DistributedConfig
+from largessl.epochs import check_pair
 from largessl.eval.config import EvalConfig
 from largessl.models.config import ModelConfig
 from largessl.optim.config import OptimConfig
@@ -17,22 +18,31 @@ from largessl.optim.config import OptimConfig
 class TrainerConfig:
     """Steps, logging, checkpointing and the seed."""
 
-    max_steps: int = 1000
-    """Optimizer steps to train for; the lr schedule ends here."""
+    max_steps: int | None = 1000
+    """Optimizer steps to train for; the lr schedule ends here. Or set `epochs` instead (then this is null)."""
+    epochs: float | None = None
+    """Epochs of the training split to train for, instead of max_steps (largessl/epochs.py: resolved at start-up
+    from dataset.json's sample count, floor(samples / global batch) steps per epoch)."""
     log_every: int = 10
     """Print a progress line and log metrics every this many optimizer steps."""
     ckpt_every: int = 1000
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    ckpt_every_minutes: float = 30.0
+    """Also save a checkpoint once this many minutes have passed since the last one (checked every 10 steps), so a
+    preempted or killed job loses at most about that much work; 0 disables it."""
     keep_last: int = 3
     """Checkpoints kept on disk; older ones are deleted."""
     seed: int = 0
     """Seeds weights, data order, augmentations and masks."""
 
     def validate(self, prefix: str = "trainer") -> None:
-        require(self.max_steps > 0, f"{prefix}.max_steps", "must be > 0")
+        check_pair(self, prefix, "epochs", "max_steps")
+        require(self.max_steps is None or self.max_steps > 0, f"{prefix}.max_steps", "must be > 0")
+        require(self.epochs is None or self.epochs > 0, f"{prefix}.epochs", "must be > 0")
         require(self.log_every > 0, f"{prefix}.log_every", "must be > 0")
         require(self.ckpt_every > 0, f"{prefix}.ckpt_every", "must be > 0")
         require(self.keep_last > 0, f"{prefix}.keep_last", "must be > 0")
+        require(self.ckpt_every_minutes >= 0, f"{prefix}.ckpt_every_minutes", "must be >= 0 (0 disables it)")
         require(self.seed >= 0, f"{prefix}.seed", "must be >= 0")
 
 

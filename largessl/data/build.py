@@ -11,11 +11,15 @@ from largessl.data.stream import StreamPlan
 from largessl.errors import DataError
 
 
-def plan_training(cfg: DataConfig, index: SplitIndex, *, seed: int, world_size: int) -> StreamPlan:
+def plan_training(cfg: DataConfig, index: SplitIndex, *, seed: int, world_size: int,
+                  global_batch: int = 0) -> StreamPlan:
     plan = StreamPlan(shards=index.shards, seed=seed, num_slots=world_size * max(1, cfg.num_workers),
                       batch_size=cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
-                      order=cfg.order)
-    if plan.batches_per_slot == 0:
+                      order=cfg.order, global_batch=global_batch)
+    if plan.order == "global" and not plan.resampled and plan.epoch_samples == 0:
+        raise DataError(f"data.train: {index.num_samples} samples cannot fill one global batch of {global_batch}; "
+                        "lower optim.global_batch_size")
+    if plan.batches_per_slot == 0 and plan.order != "global":
         raise DataError(f"data.train: {index.num_samples} samples cannot fill one batch of {cfg.micro_batch_size} "
                         f"for each of {plan.num_slots} readers ({world_size} ranks x {max(1, cfg.num_workers)} "
                         "workers); lower data.micro_batch_size or data.num_workers")
@@ -25,10 +29,9 @@ def plan_training(cfg: DataConfig, index: SplitIndex, *, seed: int, world_size: 
 def describe_plan(plan: StreamPlan, index: SplitIndex) -> str:
     mode = "resampled shards" if plan.resampled else f"exact epochs, {plan.order} order"
     left_out = "" if plan.resampled else (
-        f"; {plan.num_samples - plan.num_slots * plan.samples_per_slot} samples per epoch left out "
-        "(different ones each epoch)")
+        f"; {plan.num_samples - plan.epoch_samples} samples per epoch left out (different ones each epoch)")
     return (f"data: {index.root} [{index.split}]: {plan.num_samples} samples in {len(plan.shards)} shards, {mode}; "
-            f"{plan.num_slots} readers x {plan.batches_per_slot} batches of {plan.batch_size} per epoch{left_out}")
+            f"{plan.num_slots} readers, {plan.epoch_chunks} batches of {plan.batch_size} per epoch{left_out}")
 
 
 def build_train_loader(cfg: DataConfig, plan: StreamPlan, transform: Transform, *, rank: int, world_size: int,

@@ -157,7 +157,7 @@ class TrainStream(IterableDataset):
         stream = itertools.islice(self.plan.stream(state.epoch, slot), state.raw_pos, None)
         bad_in_a_row = 0
         items: list[dict[str, torch.Tensor]] = []
-        while state.batches < self.plan.batches_per_slot:
+        while state.batches < self.plan.batches_in_epoch(state.epoch, slot):
             sample = next(stream)
             state.raw_pos += 1
             image = decode_image(sample)
@@ -259,6 +259,29 @@ class DataPosition:
 
     def state_dict(self) -> dict:
         return {"readers": {r: asdict(s) for r, s in self.readers.items()}, "micro_batches": self.micro_batches}
+
+    @classmethod
+    def continued(cls, plan: StreamPlan, *, samples: int, epoch: float, rank: int, world_size: int,
+                  num_workers: int, micro_batches: int) -> tuple[DataPosition, bool]:
+        """This rank's readers after `samples` samples (`epoch` epochs) of a run whose world size, workers or
+        micro-batch size were different; and whether the continuation is exact.
+
+        'global' order: sample for sample (global chunk k belongs to slot k mod slots in any layout, so every
+        chunk before samples / batch size is consumed and none after; with corrupt images, whose slots read
+        ahead for replacements, up to that many samples shift). 'sharded' order: each new reader starts at the
+        same fraction of its part of the epoch as the old readers had reached in theirs: the epoch keeps its
+        length, but up to min(f, 1 - f) of it (f: the fraction done) can be seen twice and as much not at all."""
+        readers = {}
+        for reader in range(max(1, num_workers)):
+            slot = reader * world_size + rank
+            if plan.order == "global" and not plan.resampled:
+                chunk = samples // plan.batch_size
+                whole, within = divmod(chunk, plan.epoch_chunks)
+                batches = plan.chunks_before(whole, slot, within)
+            else:
+                whole, batches = int(epoch), int(epoch % 1.0 * plan.batches_per_slot)
+            readers[reader] = ReaderState(epoch=whole, raw_pos=batches * plan.batch_size, batches=batches)
+        return cls(readers, micro_batches), plan.order == "global" and not plan.resampled
 
     @classmethod
     def from_state_dict(cls, state: dict) -> DataPosition:

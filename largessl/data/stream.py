@@ -9,8 +9,10 @@ Modes:
 - exact epochs, order 'sharded' (default): the epoch's shard order is shuffled; the concatenated samples
   are cut into one contiguous range per slot (each slot opens only the shards its range touches). The
   last T mod (slots x batch) samples of that order are left out of the epoch (different ones each epoch).
-- exact epochs, order 'global': every slot reads the whole epoch and keeps batches c with c mod slots ==
-  slot, so the global batches do not depend on how many ranks and workers there are.
+- exact epochs, order 'global': every slot reads the whole epoch and keeps the batches ("chunks") whose index
+  k, counted on across epochs, has k mod slots == slot. An epoch is floor(T / global batch) global batches, so
+  optimizer step t trains on samples [t G, (t + 1) G) of the concatenated epochs whatever the number of ranks,
+  workers and micro-batch size: a run resumed on another world size continues sample for sample.
 - resampled: each slot draws shards with replacement (webdataset's resampled mode).
 A corrupt image makes its slot read on past its range (wrapping around the epoch) to fill its batches.
 """
@@ -124,6 +126,7 @@ class StreamPlan:
     shuffle_buffer: int = 0
     resampled: bool = False
     order: str = "sharded"
+    global_batch: int = 0  # 'global' order: samples per optimizer step (0: one batch per slot)
 
     @property
     def num_samples(self) -> int:
@@ -136,6 +139,29 @@ class StreamPlan:
     @property
     def batches_per_slot(self) -> int:
         return self.samples_per_slot // self.batch_size
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples an epoch trains on: equal parts per slot ('sharded'), whole global batches ('global')."""
+        if self.order != "global" or self.resampled:
+            return self.num_slots * self.samples_per_slot
+        step = self.global_batch or self.num_slots * self.batch_size
+        return self.num_samples // step * step
+
+    @property
+    def epoch_chunks(self) -> int:
+        return self.epoch_samples // self.batch_size
+
+    def batches_in_epoch(self, epoch: int, slot: int) -> int:
+        """Batches slot `slot` makes in `epoch` (in 'global' order they differ by at most one between slots)."""
+        if self.order != "global" or self.resampled:
+            return self.batches_per_slot
+        return self.chunks_before(epoch, slot, self.epoch_chunks)
+
+    def chunks_before(self, epoch: int, slot: int, chunk: int) -> int:
+        """'global' order: how many of chunks [0, chunk) of `epoch` are slot `slot`'s."""
+        first = (slot - epoch * self.epoch_chunks) % self.num_slots  # the slot's first chunk in the epoch
+        return max(0, -(-(chunk - first) // self.num_slots))
 
     def shard_order(self, epoch: int) -> list[Shard]:
         order = list(self.shards)
@@ -173,8 +199,9 @@ class StreamPlan:
     def _global(self, order: list[Shard], epoch: int, slot: int) -> Iterator[RawSample]:
         everything = itertools.chain(self._shuffled(read_range(order, 0, self.num_samples), epoch),
                                      self._wrap_around(order, 0))
+        offset = epoch * self.epoch_chunks
         for i, sample in enumerate(everything):
-            if (i // self.batch_size) % self.num_slots == slot:
+            if (offset + i // self.batch_size) % self.num_slots == slot:
                 yield sample
 
     def _resampled(self, epoch: int, slot: int) -> Iterator[RawSample]:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from largessl.launch.slurm import apply_rank_env
+
 if TYPE_CHECKING:  # read_env is used before torch is imported (the command's early checks)
     import torch
 
@@ -22,18 +24,10 @@ class DistEnv:
         return self.rank == 0
 
 
-def _from_slurm() -> None:
-    """Map srun's variables onto torchrun's when a script is launched by srun directly."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-
-
 def read_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); a plain `python`/`largessl` start is rank 0 of 1."""
-    _from_slurm()
+    """(rank, world_size, local_rank): from torchrun's variables, else from an srun task's (launch/slurm.py); a plain
+    `python`/`largessl` start is rank 0 of 1."""
+    apply_rank_env()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 

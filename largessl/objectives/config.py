@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from largessl.config.loader import require
 from largessl.data.masking import check_mask_count
+from largessl.epochs import check_pair
 from largessl.models.config import ModelConfig
 
 
@@ -66,8 +67,10 @@ class DINOConfig:
     """Width of the L2-normalised bottleneck before the last layer."""
     norm_last_layer: bool = True
     """Keep the last layer's rows at unit norm (frozen weight_g); false learns them (official ViT-S 'boost' only)."""
-    freeze_last_layer_steps: int = 0
+    freeze_last_layer_steps: int | None = 0
     """Optimizer steps at the start during which the last layer does not move (official: 1 epoch)."""
+    freeze_last_layer_epochs: float | None = None
+    """The same in epochs, instead of freeze_last_layer_steps."""
     local_crops: int = 8
     """Local crops per image (0 disables multi-crop)."""
     local_crop_size: int = 96
@@ -82,8 +85,10 @@ class DINOConfig:
     """Teacher softmax temperature after its warmup ("anything above 0.07 is unstable", official help)."""
     warmup_teacher_temp: float = 0.04
     """Teacher temperature at step 0."""
-    warmup_teacher_temp_steps: int = 0
+    warmup_teacher_temp_steps: int | None = 0
     """Steps of linear teacher-temperature warmup (paper: 30 epochs for ViT-S/16, VISSL: 50 for ViT-B/16)."""
+    warmup_teacher_temp_epochs: float | None = None
+    """The same in epochs, instead of warmup_teacher_temp_steps."""
     center_momentum: float = 0.9
     """c <- m c + (1 - m) mean teacher output, once per optimizer step."""
     teacher_momentum: float = 0.996
@@ -95,8 +100,10 @@ class DINOConfig:
         for key in ("out_dim", "hidden_dim", "bottleneck_dim", "local_crop_size"):
             require(getattr(self, key) > 0, f"{prefix}.{key}", "must be > 0")
         require(self.local_crops >= 0, f"{prefix}.local_crops", "must be >= 0")
-        require(self.freeze_last_layer_steps >= 0, f"{prefix}.freeze_last_layer_steps", "must be >= 0")
-        require(self.warmup_teacher_temp_steps >= 0, f"{prefix}.warmup_teacher_temp_steps", "must be >= 0")
+        for epochs, steps in (("freeze_last_layer_epochs", "freeze_last_layer_steps"),
+                              ("warmup_teacher_temp_epochs", "warmup_teacher_temp_steps")):
+            check_pair(self, prefix, epochs, steps)
+            require((getattr(self, steps) or 0) >= 0, f"{prefix}.{steps}", "must be >= 0")
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             require(getattr(self, key) > 0, f"{prefix}.{key}", "must be > 0")
         for key in ("center_momentum", "teacher_momentum", "teacher_momentum_end"):

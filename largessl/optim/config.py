@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from largessl.config.loader import require
+from largessl.epochs import check_pair
 
 
 @dataclass
@@ -25,8 +26,10 @@ class OptimConfig:
     """AdamW betas (MAE uses 0.95 for beta2)."""
     eps: float = 1e-8
     """AdamW epsilon."""
-    warmup_steps: int = 0
+    warmup_steps: int | None = 0
     """Optimizer steps of linear warmup from 0 to the peak lr, then a half-cycle cosine to min_lr."""
+    warmup_epochs: float | None = None
+    """The warmup in epochs instead of warmup_steps (resolved at start-up, as trainer.epochs)."""
     grad_clip: float = 0.0
     """Global gradient-norm clipping threshold; 0 disables clipping (MAE pretraining does not clip)."""
     wd_on_tokens: bool = False
@@ -40,7 +43,8 @@ class OptimConfig:
         require(self.weight_decay_end is None or self.weight_decay_end >= 0, f"{prefix}.weight_decay_end",
                 "must be >= 0 (or null for a constant weight decay)")
         require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "each beta must be in [0, 1)")
-        require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        check_pair(self, prefix, "warmup_epochs", "warmup_steps")
+        require(self.warmup_steps is None or self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
         require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
 
     def peak_lr(self) -> float:

@@ -201,7 +201,14 @@ class Delivery:
             return False
         self.client.update_run(run_id, status="RUNNING")
         self._optional(lambda: self._mark_kind(self.client.get_experiment(run.info.experiment_id)))
+        self._refusable("the tags of this job", lambda: self._retag(run_id))
         return True
+
+    def _retag(self, run_id: str) -> None:
+        """A continued run's tags say what this job is (its SLURM job and restart, world size, commit)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in self.plan.tags.items()])
 
     def _create_run(self) -> str:
         """A new run with the plan's tags and params (or the one an earlier attempt created, found by its key)."""
