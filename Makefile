@@ -31,7 +31,7 @@ demo: install
 	@echo "MLflow UI:     $(abspath $(VENV))/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-all: install
 	$(PY) -m pytest -q --runslow

@@ -10,6 +10,7 @@ checkpoints: when checkpoints exist but none can be read, it stops and says so.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,15 @@ def check_layout(run: RunDir, tag: str, zero_stage: int) -> None:
 
 
 def load(engine: Any, teacher: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    """Weights, optimizer, teacher and the objective's extra state of `tag`; returns the client state."""
+    """Weights, optimizer, teacher and the objective's extra state of `tag`; returns the client state.
+
+    A ZeRO-1/2/3 checkpoint written on another number of ranks (complete.json's world_size; for a tag from before
+    markers, its partition files) is redistributed over this run's ranks as it loads (distributed/reshape.py: no
+    conversion step, nothing written); rank 0 says so, with the time it took."""
+    saved_world_size = checkpoint.read_marker(ckpt_dir / tag).get("world_size") or engine.ranks_written(ckpt_dir / tag)
+    started = time.perf_counter()
     try:
-        client_state = engine.load(ckpt_dir, tag)
+        client_state = engine.load(ckpt_dir, tag, saved_world_size=saved_world_size)
         if client_state is None:
             raise FileNotFoundError(ckpt_dir / tag)
         if teacher:
@@ -97,6 +104,9 @@ def load(engine: Any, teacher: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         raise UserError(f"cannot resume from {ckpt_dir / tag}: it does not fit this config "
                         f"({one_line(exc)[:200]}); use another run.name to start a new run") from None
     engine.module.load_extra_state(client_state.get("objective", {}))
+    if engine.needs_reshape(saved_world_size) and comm.rank() == 0:
+        say(f"checkpoints: {tag} was written on {saved_world_size} rank(s); its ZeRO partitions were redistributed "
+            f"over {comm.world_size()} rank(s) in {time.perf_counter() - started:.2f} s")
     return client_state
 
 

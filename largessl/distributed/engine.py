@@ -182,18 +182,21 @@ class Engine:
 
         DeepSpeed steps our AdamW over its own fp32 master tensors (flat partitions at ZeRO-1/2/3), so the
         state to reset is keyed by those, not by the module's parameters."""
-        ds_optimizer = self.ds.optimizer
-        if self.zero_stage == 3:
-            masters = [ds_optimizer.fp32_partitioned_groups_flat[sub]
-                       for sub, group in ds_optimizer.sub_group_to_group_id.items() if group == group_index]
-        else:
-            masters = list(self.optimizer.param_groups[group_index]["params"])
-        for master in masters:
+        for master in self.optimizer_masters(group_index):
             for key, value in self.optimizer.state.get(master, {}).items():
                 if torch.is_tensor(value):
                     value.zero_()
                 else:  # DeepSpeedCPUAdam keeps the step as a Python number
                     self.optimizer.state[master][key] = type(value)(0)
+
+    def optimizer_masters(self, group_index: int) -> list[torch.Tensor]:
+        """The tensors our AdamW steps for one parameter group, which its state is keyed by: the parameters
+        (ZeRO-0), the group's flat fp32 partition (ZeRO-1/2), or its sub-groups' flat partitions (ZeRO-3)."""
+        ds_optimizer = self.ds.optimizer
+        if self.zero_stage == 3:
+            return [ds_optimizer.fp32_partitioned_groups_flat[sub]
+                    for sub, group in ds_optimizer.sub_group_to_group_id.items() if group == group_index]
+        return list(self.optimizer.param_groups[group_index]["params"])
 
     # ----------------------------------------------------------------- fp32 masters, for EMA teachers
 
@@ -262,10 +265,28 @@ class Engine:
         # `latest` is ours to write, once the tag is complete (checkpoint.mark_complete)
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, ckpt_dir: Path, tag: str | None = None) -> dict[str, Any] | None:
-        """Restore weights, optimizer and scheduler state; returns our client state (None without a checkpoint)."""
+    def load(self, ckpt_dir: Path, tag: str | None = None, *,
+             saved_world_size: int | None = None) -> dict[str, Any] | None:
+        """Restore weights, optimizer and scheduler state; returns our client state (None without a checkpoint).
+
+        A ZeRO-1/2/3 checkpoint written on `saved_world_size` ranks, another number than now, is loaded by
+        distributed/reshape.py (DeepSpeed's own load refuses it); ZeRO-0 state is whole and loads as it is."""
+        if tag is not None and self.needs_reshape(saved_world_size):
+            from largessl.distributed import reshape
+
+            return reshape.load_resharded(self, Path(ckpt_dir) / tag)
         path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
         return client_state if path is not None else None
+
+    @staticmethod
+    def ranks_written(tag_dir: Path) -> int | None:
+        """How many ranks wrote a ZeRO-1/2/3 checkpoint (one optimizer partition file each); None at ZeRO-0."""
+        return len(list(Path(tag_dir).glob("*_optim_states.pt"))) or None
+
+    def needs_reshape(self, saved_world_size: int | None) -> bool:
+        """Whether a checkpoint written on `saved_world_size` ranks (None: unknown, taken as now) has ZeRO
+        partitions to redistribute over this run's ranks."""
+        return self.zero_stage > 0 and saved_world_size is not None and saved_world_size != self.ds.dp_world_size
 
 
 def read_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
