@@ -140,7 +140,9 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(mini_shards: Path
     result = ok(run_largessl(cae_run(mini_shards, "killed", *common), tmp_path, nproc=2))  # the same command
     assert f"(step {saved})" in result.stdout, result.stdout[-2000:]
 
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records if "loss" in record]
+    assert [(r["step"], r["resumes"]) for r in records if "resumes" in r] == [(saved, 1)]  # the restart, once
     assert steps == list(range(1, 19)), steps  # the steps after the checkpoint were replaced, not repeated
     straight, resumed = read_metrics(tmp_path / "runs" / "straight"), read_metrics(run)
     for step in range(1, 19):

@@ -229,7 +229,9 @@ def test_run_directory_is_locked_and_a_dead_holder_never_blocks(mini_shards: Pat
     resumed = run_largessl([*common, f"trainer.max_steps={logged + 2}"], tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {saved})" in resumed.stdout, resumed.stdout[-2000:]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records if "loss" in record]
+    assert [(r["step"], r["resumes"]) for r in records if "resumes" in r] == [(saved, 1)]  # the restart, once
     assert steps == list(range(1, logged + 3)), steps  # replaced, not repeated
 
 
