@@ -4,8 +4,9 @@ It starts a private munged (its own key and socket), slurmctld and slurmd (Debia
 `.ci/slurm_setup.sh`) on free ports with a slurm.conf in a temporary directory, and stops them at the end of the
 session. The node is this host with the cores `slurmd -C` reports and 8 GPUs that are only a count (gres.conf
 points them at /dev/null): `--gpus-per-node=8` is accepted and srun sets CUDA_VISIBLE_DEVICES=0,...,7, which a
-CPU-only torch ignores; `--gpus-per-node=0` removes the request. A pending requeued job waits `cred_expire` + 1
-= 6 s before it is eligible again; `SlurmCluster.wait` and `requeue` release it at once.
+CPU-only torch ignores; `--gpus-per-node=0` removes the request. A requeued job is eligible again `cred_expire` + 1
+= 6 s after the requeue; `SlurmCluster.wait` and `requeue` release it after 2 s (slurmd refuses a relaunch within the
+second of the kill: "Job credential revoked").
 
 Without the binaries the fixture skips (run `.ci/slurm_setup.sh` once, as root); with `CI` set it fails instead.
 """
@@ -23,6 +24,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                       "DEADLINE", "PREEMPTED"})
 GPUS = 8
+CRED_EXPIRE = 5  # seconds; a requeued job's BeginTime is the requeue + CRED_EXPIRE + 1
 PR_SET_PDEATHSIG = 1
 ROOT_PREFIX = "largessl-slurm-"
 KEY_RE = re.compile(r" (?=[A-Za-z][A-Za-z0-9_:/]*=)")
@@ -46,7 +49,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
+AuthInfo=socket={root}/munge/munge.socket,cred_expire={cred_expire}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -77,6 +80,11 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def binary(name: str) -> str | None:
+    """The program's path: on PATH, or in the sbin folders where Debian puts the daemons (absent from some PATHs)."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
 def unavailable(reason: str) -> None:
     """Skip, or fail when CI is set: a SLURM check that did not run must never count as passed in CI."""
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
@@ -102,7 +110,7 @@ def node_name() -> str:
 
 def hardware() -> tuple[str, int]:
     """`slurmd -C`'s CPUs/Boards/Sockets/Cores/Threads fields, and a RealMemory (MB) somewhat below the real."""
-    line = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True, timeout=30).stdout
+    line = subprocess.run([binary("slurmd"), "-C"], capture_output=True, text=True, check=True, timeout=30).stdout
     fields = dict(item.split("=", 1) for item in line.split("\n")[0].split())
     keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
     return " ".join(f"{key}={fields[key]}" for key in keys if key in fields), int(fields["RealMemory"]) * 9 // 10
@@ -165,8 +173,8 @@ class SlurmCluster:
     def wait(self, job_id: str, states: Sequence[str] | frozenset[str] = FINISHED, timeout: float = 60,
              release: bool = True) -> dict[str, str]:
         """Poll until the job's JobState is one of `states`; returns its job_info. Raises when it finishes in
-        another state, disappears or times out. With `release`, a requeued job waiting for its BeginTime is made
-        eligible at once (instead of after 6 s)."""
+        another state, disappears or times out. With `release`, a requeued job waiting for its BeginTime starts
+        2 s after the requeue (instead of 6 s)."""
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
@@ -178,7 +186,7 @@ class SlurmCluster:
                 raise AssertionError(f"job {job_id} is {state or 'gone'}, not {sorted(states)}: {info}"
                                      f"\n{self.output(job_id, info)}")
             if release and state == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts") != "0":
-                self.release(job_id)
+                self.release_requeued(job_id, info)
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} still {info.get('JobState')} after {timeout} s: {info}")
 
@@ -193,14 +201,24 @@ class SlurmCluster:
         self.command("scancel", f"--signal={sig}", *(["--full"] if batch_shell else []), job_id)
 
     def requeue(self, job_id: str, release: bool = True) -> None:
-        """`scontrol requeue`: the job is killed and pending again with Restarts + 1; released at once."""
+        """`scontrol requeue`: the job is killed and pending again with Restarts + 1; with `release` it starts again
+        2 s later (else after 6 s)."""
         self.command("scontrol", "requeue", job_id)
         if release:
-            self.wait(job_id, states={"PENDING"}, timeout=30, release=False)
-            self.release(job_id)
+            self.release_requeued(job_id, self.wait(job_id, states={"PENDING"}, timeout=30, release=False))
+
+    def release_requeued(self, job_id: str, info: Mapping[str, str]) -> None:
+        """Start a requeued pending job 2 s after its requeue: the relaunch must come in a later second than the
+        kill, whose credential slurmd revokes; the requeue's time is its EligibleTime - CRED_EXPIRE - 1."""
+        try:
+            requeued = datetime.fromisoformat(info["EligibleTime"]).timestamp() - CRED_EXPIRE - 1
+        except (KeyError, ValueError):
+            return
+        time.sleep(max(0.0, requeued + 2 - time.time()))
+        self.release(job_id)
 
     def release(self, job_id: str) -> None:
-        """Make a pending job eligible now (a requeued job otherwise waits for its BeginTime)."""
+        """Make a pending job eligible now (for a requeued one, see release_requeued)."""
         self.command("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
 
     def cancel(self, job_id: str) -> None:
@@ -224,7 +242,8 @@ def write_config(root: Path, node: str) -> int:
     # Random job ids: largessl's MASTER_PORT is 20000 + job id % 20000, so two sessions on one host (both at job 1
     # otherwise) would collide.
     text = SLURM_CONF.format(root=root, node=node, ctld_port=free_port(), slurmd_port=free_port(), hardware=cores,
-                             memory=memory, gpus=GPUS, first_job_id=random.randrange(100_000, 10_000_000))
+                             memory=memory, gpus=GPUS, cred_expire=CRED_EXPIRE,
+                             first_job_id=random.randrange(100_000, 10_000_000))
     (root / "slurm.conf").write_text(text)
     (root / "gres.conf").write_text(f"Name=gpu File={root}/dev/gpu[0-{GPUS - 1}]\n")
     return int(re.search(r"CPUs=(\d+)", cores)[1])
@@ -250,17 +269,17 @@ def start_munge(cluster: SlurmCluster) -> None:
     key = munge / "munge.key"
     key.write_bytes(os.urandom(128))
     key.chmod(0o600)
-    daemon(["munged", "--foreground", f"--socket={munge}/munge.socket", f"--key-file={key}",
-            f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed",
-            f"--log-file={cluster.log_dir}/munged.log"], cluster, "munged")
+    daemon([binary("munged"), "--foreground", f"--socket={munge}/munge.socket", f"--key-file={key}",
+             f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed",
+             f"--log-file={cluster.log_dir}/munged.log"], cluster, "munged")
     wait_for(lambda: (munge / "munge.socket").exists(), cluster, "munged's socket", 10)
 
 
 def start_slurm(cluster: SlurmCluster) -> None:
     env = cluster.env()
     conf = str(cluster.conf)
-    daemon(["slurmctld", "-D", "-i", "-f", conf], cluster, "slurmctld", env=env)
-    daemon(["slurmd", "-D", "-N", cluster.node, "-f", conf], cluster, "slurmd", env=env)
+    daemon([binary("slurmctld"), "-D", "-i", "-f", conf], cluster, "slurmctld", env=env)
+    daemon([binary("slurmd"), "-D", "-N", cluster.node, "-f", conf], cluster, "slurmd", env=env)
     port = int(re.search(r"SlurmctldPort=(\d+)", cluster.conf.read_text())[1])
     wait_for(lambda: port_open(port), cluster, "slurmctld's port", 20)
     wait_for(lambda: node_state(cluster) == "idle", cluster, "the node to be idle", 30)
@@ -323,7 +342,7 @@ def remove_stale_roots() -> None:
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A running one-node SLURM cluster (see the module docstring); stopped and removed after the session."""
-    missing = [name for name in (*DAEMONS, *CLIENTS) if shutil.which(name) is None]
+    missing = [name for name in (*DAEMONS, *CLIENTS) if binary(name) is None]
     if missing:
         unavailable(f"SLURM is not installed (no {', '.join(missing)}): run .ci/slurm_setup.sh once, as root")
     if os.geteuid() != 0:
