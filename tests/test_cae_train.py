@@ -69,6 +69,7 @@ def one_process(mini_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return work / "runs" / "one"
 
 
+@pytest.mark.slow  # 82 s in CI; MAE's and DINO's two-process tests keep ZeRO-2/3 = one process in the default suite
 def test_two_processes_at_zero2_and_zero3_match_one_process(one_process: Path, mini_shards: Path,
                                                             tmp_path: Path) -> None:
     # ZeRO-3 also runs with activation checkpointing (encoder and decoder) and evaluates k-NN with gathered weights;
