@@ -45,6 +45,23 @@ def wait_for_file(path: Path, cluster: SlurmCluster, job: str, timeout: float = 
         time.sleep(0.1)
 
 
+def after_first_checkpoint(cluster: SlurmCluster, workdir: Path, name: str, data: Path) -> tuple[str, Path]:
+    """Submit a job of the script and wait until its step-2 checkpoint is complete; (job id, run directory)."""
+    run = workdir / "runs" / name
+    job = submit(cluster, workdir, name, data)
+    wait_for_file(run / "checkpoints" / "step_00000002" / "complete.json", cluster, job)
+    return job, run
+
+
+def assert_same_losses(workdir: Path, run: Path, steps: range) -> None:
+    """The run's losses at `steps` are exactly the uninterrupted job's; it logged every step once."""
+    reference, resumed = read_metrics(workdir / "runs" / "straight"), read_metrics(run)
+    assert sorted(resumed) == list(range(1, 7))
+    for step in steps:
+        for key in KEYS:
+            assert resumed[step][key] == reference[step][key], (step, key)
+
+
 def kill_tasks(marker: str) -> None:
     """SIGKILL every process whose command line holds `marker` (the job's training tasks)."""
     for proc in Path("/proc").iterdir():
@@ -75,20 +92,14 @@ def test_the_script_trains_and_finishes(straight: Path) -> None:
 def test_time_limit_signal_checkpoints_requeues_and_resumes_in_one_mlflow_run(
         slurm_cluster: SlurmCluster, straight: Path, mini_shards: Path) -> None:
     workdir = straight
-    run = workdir / "runs" / "requeued"
-    job = submit(slurm_cluster, workdir, "requeued", mini_shards)
-    wait_for_file(run / "checkpoints" / "step_00000002" / "complete.json", slurm_cluster, job)
+    job, run = after_first_checkpoint(slurm_cluster, workdir, "requeued", mini_shards)
     slurm_cluster.signal(job, "USR1")  # what --signal=USR1@600 sends before the time limit
     info = slurm_cluster.wait(job, {"COMPLETED"}, timeout=300)
     out = slurm_cluster.output(job, info)
     assert info["Restarts"] == "1", info
     assert f"requeued SLURM job {job}" in out and "resumed from" in out, out[-3000:]
     assert out.count("done: 6 steps") == 1, out[-3000:]
-    reference, resumed = read_metrics(workdir / "runs" / "straight"), read_metrics(run)
-    assert sorted(resumed) == list(range(1, 7))
-    for step in range(1, 7):
-        for key in KEYS:
-            assert resumed[step][key] == reference[step][key], (step, key)
+    assert_same_losses(workdir, run, range(1, 7))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
@@ -105,9 +116,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_in_one_mlflow_run(
 def test_killed_tasks_then_requeue_resume_from_the_last_checkpoint(
         slurm_cluster: SlurmCluster, straight: Path, mini_shards: Path) -> None:
     workdir = straight
-    run = workdir / "runs" / "killed"
-    job = submit(slurm_cluster, workdir, "killed", mini_shards)
-    wait_for_file(run / "checkpoints" / "step_00000002" / "complete.json", slurm_cluster, job)
+    job, run = after_first_checkpoint(slurm_cluster, workdir, "killed", mini_shards)
     kill_tasks("run.name=killed")  # as an out-of-memory kill or a node failure: nothing is saved
     slurm_cluster.wait(job, {"FAILED"}, timeout=60)
     slurm_cluster.requeue(job)
@@ -117,8 +126,4 @@ def test_killed_tasks_then_requeue_resume_from_the_last_checkpoint(
     resumed_at = [int(line.rsplit("(step ", 1)[1].rstrip(")\n")) for line in out.splitlines()
                   if line.startswith("resumed from")]
     assert len(resumed_at) == 1 and resumed_at[0] >= 2, out[-3000:]
-    reference, resumed = read_metrics(workdir / "runs" / "straight"), read_metrics(run)
-    assert sorted(resumed) == list(range(1, 7))
-    for step in range(resumed_at[0] + 1, 7):
-        for key in KEYS:
-            assert resumed[step][key] == reference[step][key], (step, key)
+    assert_same_losses(workdir, run, range(resumed_at[0] + 1, 7))
