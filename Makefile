@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_SHARDS := demo/shards
 
-.PHONY: install demo test test-all lint clean-demo
+.PHONY: install demo demo-compare test test-all lint clean-demo
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,18 @@ demo: install
 	@echo ""
 	@echo "run directory: runs/demo (config.yaml, checkpoints/, metrics.jsonl, eval/)"
 	@echo "MLflow UI:     $(abspath $(VENV))/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
+
+# After `make demo`: two more runs beside it (MAE at mask ratio 0.5, DINO), then the comparison of all three
+# (docs/compare-demo.png in the README was made this way). About 10 minutes on 2 cores.
+demo-compare: install
+	test -f runs/demo/config.yaml || { echo "run 'make demo' first"; exit 2; }
+	$(VENV)/bin/largessl pretrain --config debug/mae_vit_tiny run.name=demo-mask50 objective.mask_ratio=0.5 eval.knn_every=100
+	$(VENV)/bin/largessl pretrain --config debug/dino_vit_tiny run.name=demo-dino trainer.max_steps=100 eval.knn_every=50
+	$(VENV)/bin/largessl compare --experiment largessl-debug --runs demo demo-mask50 demo-dino --plot runs/compare.png \
+		--csv runs/compare.csv
+	$(VENV)/bin/largessl compare --experiment largessl-debug --runs demo demo-mask50 demo-dino --plot runs/compare.html \
+		> /dev/null
+	@echo "picture: runs/compare.png; page with the tables: runs/compare.html"
 
 test: install
 	$(PY) -m pytest -q --durations=25

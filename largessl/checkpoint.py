@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from largessl.errors import UserError
 from largessl.files import write_atomic
 
 TAG = re.compile(r"step_(\d+)$")
@@ -185,6 +186,27 @@ def resolve_tag_dir(path: Path) -> Path:
     if not damage(path) and any(path.glob("*model_states.pt")):
         return path
     raise FileNotFoundError(path)
+
+
+def checkpoint_of(run_dir: Path, step: int | None = None, *, arg: str = "--checkpoint") -> Path:
+    """The tag directory to read: the newest complete, undamaged checkpoint of a run, or the one of `step`. Errors
+    name `arg` (the command-line argument that gave `run_dir`) and, for an unknown step, the steps there are."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{arg}: {run_dir} is not a run directory (no config.yaml)")
+    if step is None:
+        try:
+            return resolve_tag_dir(run_dir)
+        except FileNotFoundError:
+            raise UserError(f"{arg}: no checkpoint under {run_dir}") from None
+    tags = complete_tags(run_dir / "checkpoints")
+    if tag_for(step) not in tags:
+        steps = ", ".join(str(step_of(tag)) for tag in reversed(tags)) or "none"
+        raise UserError(f"--step {step}: {run_dir} has no complete checkpoint of that step (complete: {steps})")
+    tag_dir = run_dir / "checkpoints" / tag_for(step)
+    why = damage(tag_dir)
+    if why:
+        raise UserError(f"--step {step}: {tag_dir} is damaged: {why}")
+    return tag_dir
 
 
 def prune(ckpt_dir: Path, keep: int) -> list[Path]:

@@ -1,4 +1,4 @@
-"""The `largessl` command: pretrain, eval knn."""
+"""The `largessl` command: pretrain, eval knn, compare, export."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_pretrain(commands)
     add_eval(commands)
+    from largessl import export
+
+    export.add_parser(commands)
+    from largessl import compare
+
+    compare.add_parser(commands)
     return parser
 
 
@@ -153,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             return pretrain(args)
+        if args.command == "compare":
+            from largessl import compare
+
+            return compare.run(args)
+        if args.command == "export":
+            from largessl import export
+
+            return export.run(args)
         return eval_knn(args)
     except KeyboardInterrupt:
         return 130

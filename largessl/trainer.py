@@ -6,6 +6,7 @@ Model and objective code is single-device PyTorch; DeepSpeed lives behind `distr
 from __future__ import annotations
 
 import signal
+import time
 from functools import partial
 from typing import Any
 
@@ -35,6 +36,7 @@ from largessl.optim.schedules import apply_schedules
 from largessl.progress import Interval, peak_memory_gb, progress_line, say, sync
 from largessl.run_dir import RunDir
 from largessl.tracking import NullTracker, Tracker, browse_hint, check_store, git_commit
+from largessl.tracking.usage import Usage
 
 STOP_CHECK_EVERY = 10
 
@@ -44,12 +46,14 @@ class Trainer:
     workers killed, MLflow told, the run lock released, and after an error the process group aborted."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
+        self.started = time.time()
         self.cfg = cfg
         self.run = RunDir(cfg.run.output_dir, cfg.run.name)
         self.run_dir, self.ckpt_dir = self.run.path, self.run.ckpt_dir
         self.env = init_distributed(cfg.distributed)
         self.note(f"process group up: {self.env.world_size} rank(s) on {self.env.device.type}")
         self.tracker: NullTracker = NullTracker()
+        self.usage: Usage | None = None  # rank 0's, once it holds the run directory
         self.closed = False
         self.step = 0
         self.stop_signal = 0
@@ -127,6 +131,8 @@ class Trainer:
             return
         self.closed = True
         kill_workers()
+        if self.usage and self.step:  # the time since the last progress line (a checkpoint, say) counts too
+            self.tracker.log_metrics({"gpu_hours": self.usage.hours()}, self.step)
         self.tracker.finish(status)
         self.run.unlock()
         if status == "FAILED":
@@ -214,10 +220,12 @@ class Trainer:
         tags = {"method": self.cfg.objective.name, "model": self.cfg.model.name,
                 "world_size": str(self.env.world_size), "git_commit": git_commit(), "slurm_job_id": slurm.job_id(),
                 "slurm_restart_count": str(slurm.restart_count()), "resumes": str(self.resumes),
-                "run_dir": str(self.run_dir.resolve())}
+                "run_dir": str(self.run_dir.resolve()),
+                "max_steps": str(self.cfg.trainer.max_steps)}  # a tag, rewritten by a resume that changes it
         params = {**flatten(to_dict(self.cfg)), "derived.world_size": self.env.world_size,
                   "derived.accumulation_steps": self.accumulation, "derived.peak_lr": self.cfg.optim.peak_lr()}
         client_state = client_state or {}
+        self.usage = Usage(self.run_dir, self.env.world_size, self.started)
         tracker = Tracker.start(self.cfg.tracking, run_dir=self.run_dir, run_name=self.cfg.run.name, params=params,
                                 tags=tags, resume_step=self.step,
                                 fallback_run_id=client_state.get("mlflow_run_id", ""),
@@ -320,6 +328,8 @@ class Trainer:
         })
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
+        if self.usage:
+            metrics["gpu_hours"] = self.usage.hours()
         self.note(progress_line(self.step, self.cfg.trainer.max_steps, metrics, keys))
         self._log(metrics)
 

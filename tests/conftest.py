@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -126,3 +130,27 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
         record = json.loads(line)
         records.setdefault(record["step"], {}).update(record)
     return records
+
+
+@contextmanager
+def serve_mlflow(root: Path, backend_uri: str) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 over `backend_uri` (artifacts under `root`); yields its URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend_uri, "--artifacts-destination", str(root / "art")],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -8,11 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env, free_port, read_metrics, run_largessl, uneven_dataset
+from conftest import REPO, child_env, free_port, read_metrics, run_largessl, serve_mlflow, uneven_dataset
 
 DEBUG = ["pretrain", "--config", "debug/mae_vit_tiny"]
 
@@ -203,29 +204,10 @@ def test_resume_after_preemption_repeats_the_uninterrupted_losses(mini_shards: P
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    import time
-    import urllib.request
-
-    for _ in range(180):
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
+    with serve_mlflow(root, f"sqlite:///{root / 'server.db'}") as uri:
+        yield uri
 
 
 def test_logs_to_a_real_mlflow_server(mlflow_server: str, mini_shards: Path, tmp_path: Path) -> None:

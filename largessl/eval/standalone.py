@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from largessl.checkpoint import resolve_tag_dir
+from largessl.checkpoint import checkpoint_of
 from largessl.config.load import config_from_yaml_text
 from largessl.data.build import build_eval_loader
 from largessl.data.index import open_split
@@ -20,16 +20,12 @@ from largessl.eval.knn import extract_features, knn_top1
 from largessl.objectives import objective_class
 
 
-def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
-    """(eval encoder with the checkpoint's fp32 weights, run config, client state, tag directory)."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise UserError(f"--checkpoint: {run_dir} is not a run directory (no config.yaml)")
-    try:
-        tag_dir = resolve_tag_dir(run_dir)
-    except FileNotFoundError:
-        raise UserError(f"--checkpoint: no checkpoint under {run_dir}") from None
-    cfg = config_from_yaml_text(config_path.read_text())
+def load_encoder(run_dir: Path, step: int | None = None, *,
+                 arg: str = "--checkpoint") -> tuple[torch.nn.Module, object, dict, Path]:
+    """(eval encoder with the checkpoint's fp32 weights, run config, client state, tag directory) of a run's newest
+    complete checkpoint, or of its checkpoint at `step`; from any ZeRO stage, without a process group."""
+    tag_dir = checkpoint_of(run_dir, step, arg=arg)
+    cfg = config_from_yaml_text((run_dir / "config.yaml").read_text())
     from largessl.distributed.engine import read_checkpoint
 
     weights, states = read_checkpoint(tag_dir)
@@ -40,7 +36,7 @@ def load_encoder(run_dir: Path) -> tuple[torch.nn.Module, object, dict, Path]:
     encoder = objective.eval_encoder()
     prefix = next(name for name, module in objective.named_modules() if module is encoder)
     if any(key.startswith(prefix + ".") for key in missing) or unexpected:
-        raise UserError(f"--checkpoint: {tag_dir} does not match the run's config "
+        raise UserError(f"{arg}: {tag_dir} does not match the run's config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return encoder, cfg, states, tag_dir
 

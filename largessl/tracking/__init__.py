@@ -48,6 +48,7 @@ from largessl.tracking.store import (
 __all__ = ["NullTracker", "Tracker", "browse_hint", "check_store", "git_commit", "recorded_run", "resolve_uri"]
 
 ATTACH_TIMEOUT_S = 15.0  # bound on each MLflow call made for evaluation
+ARTIFACT_TIMEOUT_S = 1800.0  # bound on one exported encoder's upload (ViT-H: 2.5 GB)
 
 
 def git_commit() -> str:
@@ -217,9 +218,18 @@ class _Attached(NullTracker):
                                    f"logging to MLflow run {run_id} in {self.uri}"):
             self.run_id = ""
 
+    def log_artifact(self, path: Path, artifact_path: str = "") -> None:  # type: ignore[override]
+        """Copy a file, or a directory as ARTIFACT_PATH/NAME/..., into the run's artifacts (export)."""
+        path, run_id, log = Path(path), self.run_id, self._client.log_artifact
+        if path.is_dir():  # MLflow copies a directory's contents: keep its name
+            artifact_path, log = f"{artifact_path}/{path.name}".lstrip("/"), self._client.log_artifacts
+        if run_id and not _bounded(lambda: log(run_id, str(path), artifact_path or None),
+                                   f"logging {path.name} to MLflow run {run_id} in {self.uri}", ARTIFACT_TIMEOUT_S):
+            self.run_id = ""
 
-def _bounded(action: Callable[[], object], what: str) -> bool:
-    """Run `action` on a daemon thread for at most ATTACH_TIMEOUT_S; warn and return False if it fails or hangs."""
+
+def _bounded(action: Callable[[], object], what: str, timeout: float = ATTACH_TIMEOUT_S) -> bool:
+    """Run `action` on a daemon thread for at most `timeout` s; warn and return False if it fails or hangs."""
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
@@ -231,9 +241,9 @@ def _bounded(action: Callable[[], object], what: str) -> bool:
 
     thread = threading.Thread(target=attempt, name="largessl-mlflow-attach", daemon=True)
     thread.start()
-    thread.join(ATTACH_TIMEOUT_S)
+    thread.join(timeout)
     if not outcome:
-        warn(f"{what}: no answer within {ATTACH_TIMEOUT_S:g}s; the result is not logged there")
+        warn(f"{what}: no answer within {timeout:g}s; the result is not logged there")
     elif outcome[0] is not None:
         warn(f"{what} failed ({describe(outcome[0])}); the result is not logged there")
     return bool(outcome) and outcome[0] is None

@@ -1,0 +1,138 @@
+"""The runs to compare, read from an MLflow store (SQLite or a server): each run's params, tags and the histories
+of the metrics a comparison shows.
+
+A run that was requeued or resumed is one MLflow run (the trainer continues it), but the steps a killed job logged
+after its last checkpoint were logged again by the job that resumed: a history keeps, for each step, the value
+logged last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from largessl.errors import UserError
+from largessl.tracking.store import configure_http, describe, error_code, sqlite_file, unreachable
+
+CURVES = ("loss", "gpu_hours", "epoch", "images_per_sec")  # histories every comparison reads
+DOWNSTREAM_SUFFIX = "_top1"  # knn_top1, knn_top1_mean, linear_top1, attentive_top1, finetune_top1, fewshot_top1...
+PAGE = 1000
+
+
+@dataclass
+class RunData:
+    """One MLflow run: identity, status, times (ms), params, tags and {metric: [(step, value)] by step}."""
+
+    run_id: str
+    name: str
+    status: str
+    start_ms: int
+    end_ms: int | None
+    params: dict[str, str]
+    tags: dict[str, str]
+    latest: dict[str, float]  # each metric's latest value, as MLflow keeps it
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    last_ms: int = 0  # when the run last logged a metric
+
+
+def by_step(history: list[Any]) -> tuple[list[tuple[int, float]], int]:
+    """MLflow metric entries -> ([(step, value)] by step, the value logged last at each step; newest timestamp)."""
+    chosen: dict[int, tuple[int, float]] = {}
+    for entry in history:
+        if entry.step not in chosen or entry.timestamp >= chosen[entry.step][0]:
+            chosen[entry.step] = (entry.timestamp, float(entry.value))
+    newest = max((t for t, _ in chosen.values()), default=0)
+    return [(step, chosen[step][1]) for step in sorted(chosen)], newest
+
+
+def guarded(action: Callable[[], Any], uri: str, what: str) -> Any:
+    """`action()`, with an MLflow failure turned into one line: the store did not answer, or refused `what`."""
+    try:
+        return action()
+    except UserError:
+        raise
+    except Exception as exc:
+        if unreachable(exc):
+            raise UserError(f"the MLflow store {uri} did not answer ({describe(exc)})") from None
+        reason = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{what}: {reason[:300]}" + (f" ({error_code(exc)})" if error_code(exc) else "")) from None
+
+
+class Store:
+    """An MLflow store opened for reading: a SQLite file must exist (reading never creates one)."""
+
+    def __init__(self, uri: str) -> None:
+        path = sqlite_file(uri)
+        if path and not path.is_file():
+            raise UserError(f"no MLflow store at {path} (set --tracking-uri, or $MLFLOW_TRACKING_URI, to the store "
+                            "the runs logged to)")
+        configure_http()
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.client = uri, MlflowClient(tracking_uri=uri)
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment `name`; an unknown name is an error that lists the experiments there."""
+        found = guarded(lambda: self.client.get_experiment_by_name(name), self.uri, f"experiment {name!r}")
+        if found is not None and found.lifecycle_stage == "active":
+            return found.experiment_id
+        names = sorted(e.name for e in guarded(self.client.search_experiments, self.uri, "listing experiments"))
+        listed = ", ".join(names[:20]) + (f" (and {len(names) - 20} more)" if len(names) > 20 else "")
+        raise UserError(f"no experiment {name!r} in {self.uri}; " +
+                        (f"experiments there: {listed}" if names else "it has no experiments"))
+
+    def search(self, experiment_id: str, filter_string: str) -> list[Any]:
+        """Every active run of the experiment that passes the MLflow filter (all pages)."""
+        runs, token = [], None
+        while True:
+            page = guarded(lambda t=token: self.client.search_runs([experiment_id], filter_string=filter_string,
+                                                              max_results=PAGE, page_token=t),
+                           self.uri, f"--filter {filter_string!r}" if filter_string else "searching runs")
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def load(self, run: Any, metric: str) -> RunData:
+        """A run with the histories of the standard curves, of `metric` and of every downstream top-1 it logged."""
+        info, data = run.info, run.data
+        record = RunData(run_id=info.run_id, name=info.run_name or info.run_id[:8], status=info.status,
+                         start_ms=int(info.start_time or 0), end_ms=info.end_time, params=dict(data.params),
+                         tags=dict(data.tags), latest=dict(data.metrics))
+        keys = {*CURVES, metric, *(k for k in data.metrics if k.endswith(DOWNSTREAM_SUFFIX))}
+        for key in sorted(k for k in keys if k in data.metrics):
+            history = guarded(lambda k=key: self.client.get_metric_history(info.run_id, k), self.uri,
+                              f"metric {key} of run {info.run_id}")
+            record.curves[key], newest = by_step(history)
+            record.last_ms = max(record.last_ms, newest)
+        return record
+
+
+def select(runs: list[Any], wanted: list[str]) -> list[Any]:
+    """The runs named by id or run name in `wanted` (all when it is empty); a name that matches none is an error."""
+    if not wanted:
+        return runs
+    chosen = []
+    for name in wanted:
+        matches = [r for r in runs if name in (r.info.run_id, r.info.run_name)]
+        if not matches:
+            known = ", ".join(sorted({r.info.run_name or r.info.run_id for r in runs})[:20])
+            raise UserError(f"--runs: no run {name!r} among the selected runs" + (f" ({known})" if known else ""))
+        chosen += [r for r in matches if r not in chosen]
+    return chosen
+
+
+def fetch(uri: str, experiment: str, filter_string: str, wanted: list[str], metric: str) -> list[RunData]:
+    """The runs of `experiment` to compare, with their histories."""
+    store = Store(uri)
+    runs = select(store.search(store.experiment_id(experiment), filter_string), wanted)
+    if not runs:
+        raise UserError(f"nothing to compare: no run in experiment {experiment!r}" +
+                        (f" passes --filter {filter_string!r}" if filter_string else ""))
+    return [store.load(run, metric) for run in runs]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,234 @@
+"""`largessl export`: a run's encoder as timm `vision_transformer` weights (safetensors), loadable in one line.
+
+The encoder is the one the papers evaluate (`objective.eval_encoder()`: DINO's EMA teacher, MAE's and CAE's
+encoder), read from any ZeRO stage's checkpoint without a process group and converted to timm's names
+(models/timm_format.py). Before anything is written, the weights are loaded into the timm model strictly and its
+features compared with ours: a converter bug stops the export. Formats (docs/export.md): `safetensors`, a file plus
+a JSON with the `create_model` arguments, and `timm`, a directory that `timm.create_model("local-dir:DIR",
+pretrained=True)` loads alone. Every file is written atomically; the export is logged to the run's MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from largessl.errors import UserError
+from largessl.files import write_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+FORMATS = ("safetensors", "timm")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    from largessl.cli import HelpFormatter
+
+    export = commands.add_parser(
+        "export", help="write a checkpoint's encoder as timm weights", formatter_class=HelpFormatter,
+        description=(
+            "Write the encoder of a run's checkpoint (DINO: the teacher) in timm's vision_transformer naming\n"
+            "(docs/export.md), into RUN_DIR/export/ unless --out says where, and log it to the run's MLflow run.\n"
+            "Prints last the Python line that loads it."))
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    export.add_argument("--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest complete)")
+    export.add_argument("--format", choices=FORMATS, default="safetensors",
+                        help="safetensors: FILE + FILE.json with the create_model arguments; timm: a directory for "
+                             "timm.create_model('local-dir:DIR', pretrained=True)")
+    export.add_argument("--out", type=Path, metavar="PATH",
+                        help="the file (safetensors) or directory (timm) to write (default: RUN_DIR/export/"
+                             "step_NNNNNNNN.safetensors, or step_NNNNNNNN_timm/)")
+
+
+def main(argv: list[str]) -> int:
+    """`largessl export ARGV...` on its own parser (argv without the word 'export')."""
+    from largessl.cli import Parser, report_failure
+
+    parser = Parser(prog="largessl")
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    args = parser.parse_args(["export", *argv])
+    try:
+        return run(args)
+    except Exception as exc:
+        return report_failure(exc)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, say where, log to MLflow, print the loading line last. Errors the user can fix are UserErrors."""
+    if args.out is not None:
+        check_out(args.out, args.format, "--out")
+    from largessl.checkpoint import checkpoint_of
+
+    checkpoint_of(args.run_dir, args.step, arg="export")  # a wrong path or step is said before torch loads
+    from largessl.eval.standalone import load_encoder
+
+    encoder, cfg, states, tag_dir = load_encoder(args.run_dir, args.step, arg="export")
+    step, method = int(states.get("step", 0)), cfg.objective.name
+    role = encoder_role(method)
+    print(f"checkpoint {tag_dir} (step {step}): {method}, its {role}", flush=True)
+    from largessl.models.timm_format import POOL, build_timm, check_features, timm_kwargs, timm_name, timm_state_dict
+
+    name, kwargs = timm_name(cfg), timm_kwargs(cfg)
+    state = timm_state_dict(encoder.eval())
+    diff = check_features(encoder, build_timm(name, kwargs, state), POOL.get(method, "cls"), cfg.model.image_size)
+    print(f"timm {name} ({call_args(kwargs)}): loads strictly, features within {diff:.1e} of ours", flush=True)
+    out = args.out or default_out(args.run_dir, step, args.format)
+    check_out(out, args.format, "--out" if args.out else "export")
+    from largessl.tracking import git_commit
+
+    info = {"run": cfg.run.name, "run_dir": str(args.run_dir.resolve()), "checkpoint": str(tag_dir.resolve()),
+            "step": step, "method": method, "encoder": role, "git_commit": git_commit()}
+    written, usage = write_export(out, args.format, state, name, kwargs, info, cfg.model.image_size)
+    run_id = log_to_run(states, cfg, args.run_dir, written)
+    if run_id:
+        print(f"logged {', '.join(p.name for p in written)} to MLflow run {run_id} under export/")
+    print(usage)
+    return 0
+
+
+# ----------------------------------------------------------------------------- which encoder
+
+
+def encoder_role(method: str) -> str:
+    """'teacher' when the objective trains an EMA teacher (its eval encoder), else 'encoder'."""
+    from largessl.objectives import objective_class
+    from largessl.objectives.base import Objective
+
+    return "teacher" if objective_class(method).teacher_pairs is not Objective.teacher_pairs else "encoder"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def default_out(run_dir: Path, step: int, fmt: str) -> Path:
+    stem = f"step_{step:08d}"
+    return run_dir / "export" / (f"{stem}.safetensors" if fmt == "safetensors" else f"{stem}_timm")
+
+
+def check_out(out: Path, fmt: str, what: str) -> None:
+    """Before writing: `out` is of the right kind (a file for safetensors, a directory for timm) and its directory
+    can be made and written; errors name `what` (--out, or export for the default path)."""
+    if fmt == "safetensors" and (out.is_dir() or out.suffix == ".json"):
+        raise UserError(f"{what}: {out} is a directory or ends in .json (--format safetensors writes FILE and "
+                        "FILE's .json beside it)")
+    if fmt == "timm" and out.exists() and not out.is_dir():
+        raise UserError(f"{what}: {out} is a file (--format timm writes a directory)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what}: cannot make the directory {out.parent} ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: cannot write in {out.parent} (permission denied)")
+
+
+def write_export(out: Path, fmt: str, state: dict[str, torch.Tensor], name: str, kwargs: dict[str, Any],
+                 info: dict[str, Any], image_size: int) -> tuple[list[Path], str]:
+    """Write the export (each file atomically); returns (what was written, the Python line that loads it)."""
+    meta = {"format": "pt", **{key: str(value) for key, value in info.items()}, "timm_model": name,
+            "timm_kwargs": json.dumps(kwargs)}
+    blob = safetensors_bytes(state, meta)
+    if fmt == "timm":
+        config = hub_config(name, kwargs, preprocessing(image_size), info)
+        write_dir_atomic(out, {"model.safetensors": blob, "config.json": json.dumps(config, indent=2) + "\n"})
+        report(out / "model.safetensors", len(blob), "and config.json beside it")
+        return [out], f"timm.create_model({f'local-dir:{out.resolve()}'!r}, pretrained=True)"
+    overlay = {"file": str(out.resolve()), "num_classes": 0, **preprocessing(image_size)}
+    usage = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict({call_args(overlay)}), "
+             f"{call_args(kwargs)})")
+    write_shared(out, blob)
+    report(out, len(blob), "")
+    sidecar = out.with_suffix(".json")
+    write_shared(sidecar, json.dumps({"model_name": name, "kwargs": kwargs, "pretrained_cfg_overlay": overlay,
+                                      **info, "usage": usage}, indent=2) + "\n")
+    print(f"wrote {sidecar} (timm model name, create_model arguments, provenance)")
+    return [out, sidecar], usage
+
+
+def preprocessing(image_size: int) -> dict[str, Any]:
+    """timm's data config for our evaluation view (EvalTransform): bicubic resize by 256/224, centre crop."""
+    from largessl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"input_size": (3, image_size, image_size), "interpolation": "bicubic", "crop_pct": 0.875,
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def hub_config(name: str, kwargs: dict[str, Any], data: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """config.json as timm's save_for_hf writes it, read by timm's load_model_config_from_path (local-dir:)."""
+    model_args = {key: value for key, value in kwargs.items() if key != "num_classes"}
+    pretrained_cfg = {**data, "num_classes": 0, "fixed_input_size": True, "first_conv": "patch_embed.proj",
+                      "classifier": "head"}
+    return {"architecture": name, "num_classes": 0, "num_features": kwargs["embed_dim"],
+            "global_pool": kwargs["global_pool"], "model_args": model_args, "pretrained_cfg": pretrained_cfg,
+            "largessl": info}
+
+
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save(state, metadata=metadata)
+
+
+def write_shared(path: Path, data: str | bytes) -> None:
+    """write_atomic, then the mode a plain open() would have given (mkstemp makes files private)."""
+    write_atomic(path, data)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def write_dir_atomic(out: Path, files: dict[str, str | bytes]) -> None:
+    """Write `files` into a temporary directory beside `out`, then rename it to `out` (an older one is replaced
+    after the new one is whole)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for name, data in files.items():
+            write_shared(tmp / name, data)
+        os.chmod(tmp, 0o777 & ~current_umask())
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def report(path: Path, size: int, more: str) -> None:
+    print(f"wrote {path} ({size / 1e6:.1f} MB{', ' + more if more else ''})", flush=True)
+
+
+def call_args(values: dict[str, Any]) -> str:
+    """`key=value, ...` as Python source (tuples stay tuples)."""
+    return ", ".join(f"{key}={value!r}" for key, value in values.items())
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def log_to_run(states: dict, cfg: Any, run_dir: Path, paths: list[Path]) -> str:
+    """Copy `paths` under export/ of the run's MLflow run, found as `largessl eval knn` finds it; '' when tracking
+    is off, the run is unknown or the store did not take them (then one warning says why)."""
+    if not cfg.tracking.enabled:
+        return ""
+    from largessl.tracking import Tracker, recorded_run
+
+    run_id, uri = recorded_run(cfg.tracking, run_dir, states.get("mlflow_run_id") or "",
+                               states.get("tracking_uri") or "")
+    if not run_id:
+        return ""
+    tracker = Tracker.attach(uri, run_id)
+    for path in paths:
+        if tracker.run_id:
+            tracker.log_artifact(path, "export")
+    return tracker.run_id

@@ -1,0 +1,82 @@
+"""Our ViTEncoder as timm's `vision_transformer.VisionTransformer`: its name, create_model arguments and weights.
+
+The parameter names are timm's already (patch_embed.proj, cls_token, blocks.i.{norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2}, norm); what differs: a fixed sin-cos table is a buffer we do not save, written as timm's learned
+`pos_embed` [1, 1 + N, D] ([cls] position first: timm adds it after prepending [cls], we add it to cls_token, the
+same sums); CAE's blocks are timm's beit.Block, whose gamma_1/gamma_2 are timm's ls1/ls2.gamma and whose q and v
+biases, with the fixed zero k bias, are timm's fused attn.qkv.bias. Our forward norms every token; timm's pooled
+feature is then the [cls] token ("token"), or for CAE the mean of the patch tokens ("avg" with fc_norm=False, which
+keeps timm's norm before the pooling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+POOL = {"cae": "mean"}  # the feature each method's k-NN reads (ViTEncoder.forward_pooled); "cls" otherwise
+FEATURE_ATOL = 1e-4  # export-time check, fp32; the tests hold the two models to 1e-5
+
+
+def timm_name(cfg: Any) -> str:
+    """timm's registered ViT of our size and patch (the full architecture is passed anyway, see timm_kwargs)."""
+    size = cfg.model.name.split("_")[1]
+    names = [f"vit_{size}_patch{p}_224" for p in (cfg.model.patch_size, 16, 14)]
+    return next(name for name in names if timm.is_model(name))
+
+
+def timm_kwargs(cfg: Any) -> dict[str, Any]:
+    """create_model arguments that make timm's VisionTransformer ours: no head, our size and image size, layer scale
+    for CAE, and the pooled feature our k-NN reads ([cls]; CAE: the mean of the normed patch tokens)."""
+    dim, depth, heads = cfg.model.dims
+    cae = cfg.objective.name == "cae"
+    kwargs = dict(num_classes=0, img_size=cfg.model.image_size, patch_size=cfg.model.patch_size, embed_dim=dim,
+                  depth=depth, num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True,
+                  init_values=float(cfg.objective.layer_scale) if cae else None,
+                  global_pool="avg" if POOL.get(cfg.objective.name) == "mean" else "token")
+    if kwargs["global_pool"] == "avg":
+        kwargs["fc_norm"] = False  # timm would move the final norm after the pooling; ours comes before it
+    return kwargs
+
+
+def timm_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """Our encoder's weights (fp32, contiguous) under timm's VisionTransformer names."""
+    state = {key: value.detach().float().contiguous() for key, value in encoder.state_dict().items()}
+    state["pos_embed"] = encoder.pos_embed.detach().float().clone()  # learned (DINO) or the fixed sin-cos table
+    for index in range(len(encoder.blocks)):
+        if f"blocks.{index}.gamma_1" in state:
+            fold_beit_block(state, f"blocks.{index}.")
+    return state
+
+
+def fold_beit_block(state: dict[str, torch.Tensor], prefix: str) -> None:
+    """timm's beit.Block (CAE) -> vision_transformer.Block: layer scales renamed, q/0/v biases as one qkv bias."""
+    state[prefix + "ls1.gamma"] = state.pop(prefix + "gamma_1")
+    state[prefix + "ls2.gamma"] = state.pop(prefix + "gamma_2")
+    q_bias, v_bias = state.pop(prefix + "attn.q_bias"), state.pop(prefix + "attn.v_bias")
+    state[prefix + "attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+
+
+def build_timm(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """The timm model holding `state`: built on the meta device (no init, no memory), then given the tensors. A key
+    missing or left over, or a shape that differs, raises: it is a bug of the converter, and nothing is written."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [key for key, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise RuntimeError(f"timm's {name} has tensors the export does not fill: {left[:5]}")
+    return model.eval()
+
+
+def check_features(encoder: nn.Module, model: nn.Module, pool: str, image_size: int) -> float:
+    """Max |ours - timm's| of the pooled features of two random images; a converter bug raises."""
+    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (encoder.forward_pooled(images, pool=pool) - model(images)).abs().max().item()
+    if not diff <= FEATURE_ATOL:
+        raise RuntimeError(f"timm's features differ from the encoder's by {diff:.3g} (a converter bug)")
+    return diff
