@@ -119,6 +119,7 @@ def test_bf16_run_is_finite_and_close_to_fp32(stage: int, one_process: Path, min
 # ----------------------------------------------------------------------------- resume after SIGKILL
 
 
+@pytest.mark.slow  # 75 s; test_slurm_train's SIGKILL test (MAE) keeps "killed, resumed exactly" in the default suite
 def test_resume_after_sigkill_repeats_the_uninterrupted_losses(mini_shards: Path, tmp_path: Path) -> None:
     # Two ranks x two workers over uneven shards (7 batches per reader and epoch: the epoch ends at step 14), drop
     # path on (the recipe's 0.1, also on the alignment targets): the resumed run must restore the data position,

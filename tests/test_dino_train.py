@@ -61,6 +61,7 @@ def test_one_process_dino_freezes_the_last_layer_logs_collapse_metrics_and_evalu
     assert top1 == pytest.approx(read_metrics(run_dir)[4]["knn_top1"], abs=5e-5)
 
 
+@pytest.mark.slow  # 65 s; test_world_change.py checks two ranks = one at ZeRO-3 in the default suite
 def test_two_processes_at_zero2_and_zero3_repeat_the_one_process_run(imagenette_shards: Path, mini_shards: Path,
                                                                      tmp_path: Path) -> None:
     # Same global batches for any number of ranks ('global' order) and no drop path: with the center averaged
@@ -87,6 +88,7 @@ def test_two_processes_at_zero2_and_zero3_repeat_the_one_process_run(imagenette_
         "teacher_fp32_rank00000.pt", "teacher_fp32_rank00001.pt"]  # each rank saved its own partition
 
 
+@pytest.mark.slow  # 70 s; test_world_change.py resumes DINO (teacher, center) at ZeRO-3 in the default suite
 def test_resume_repeats_the_run_including_teacher_and_center(imagenette_shards: Path, mini_shards: Path,
                                                              tmp_path: Path) -> None:
     # Two ranks at ZeRO-3 in bf16 with drop path: a run of 6 steps, and the same run restarted from its step-3

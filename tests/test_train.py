@@ -169,6 +169,7 @@ def start(args: list[str], workdir: Path, nproc: int) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # 60 s; the default suite resumes in test_slurm_train (SIGUSR1, SIGKILL), test_world_change
 def test_resume_after_preemption_repeats_the_uninterrupted_losses(mini_shards: Path, tmp_path: Path) -> None:
     # Two ranks x two workers over uneven shards, through an epoch boundary (7 batches per reader and epoch).
     common = ["data.micro_batch_size=16", "optim.global_batch_size=32", "data.num_workers=2",

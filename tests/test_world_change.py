@@ -44,6 +44,10 @@ def test_resume_on_another_world_size_repeats_the_uninterrupted_run(stage: int, 
     for name, nproc in (("on2", 2), ("on1", 1)):
         ok(run_largessl(dino_run(mini_shards, mini_shards, name, *common), tmp_path, nproc=nproc))
     runs = tmp_path / "runs"
+    one, two = read_metrics(runs / "on1"), read_metrics(runs / "on2")  # first: two ranks repeat the one-rank run
+    for step in range(1, 5):
+        for key in KEYS:
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-6), (step, key)
     for source, name, nproc, reference in (("on2", "2to1", 1, "on1"), ("on1", "1to2", 2, "on2")):
         cut_at(runs, source, name, 2)
         result = ok(run_largessl(dino_run(mini_shards, mini_shards, name, *common), tmp_path, nproc=nproc))
