@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from largessl.errors import UserError
-from largessl.files import write_atomic
+from largessl.files import UMASK, write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -141,10 +141,10 @@ def write_export(out: Path, fmt: str, state: dict[str, torch.Tensor], name: str,
     overlay = {"file": str(out.resolve()), "num_classes": 0, **preprocessing(image_size)}
     usage = (f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict({call_args(overlay)}), "
              f"{call_args(kwargs)})")
-    write_shared(out, blob)
+    write_atomic(out, blob)
     report(out, len(blob), "")
     sidecar = out.with_suffix(".json")
-    write_shared(sidecar, json.dumps({"model_name": name, "kwargs": kwargs, "pretrained_cfg_overlay": overlay,
+    write_atomic(sidecar, json.dumps({"model_name": name, "kwargs": kwargs, "pretrained_cfg_overlay": overlay,
                                       **info, "usage": usage}, indent=2) + "\n")
     print(f"wrote {sidecar} (timm model name, create_model arguments, provenance)")
     return [out, sidecar], usage
@@ -174,20 +174,14 @@ def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) 
     return save(state, metadata=metadata)
 
 
-def write_shared(path: Path, data: str | bytes) -> None:
-    """write_atomic, then the mode a plain open() would have given (mkstemp makes files private)."""
-    write_atomic(path, data)
-    os.chmod(path, 0o666 & ~current_umask())
-
-
 def write_dir_atomic(out: Path, files: dict[str, str | bytes]) -> None:
     """Write `files` into a temporary directory beside `out`, then rename it to `out` (an older one is replaced
     after the new one is whole)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         for name, data in files.items():
-            write_shared(tmp / name, data)
-        os.chmod(tmp, 0o777 & ~current_umask())
+            write_atomic(tmp / name, data)
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp's directories are private
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
             os.replace(out, old)
@@ -196,12 +190,6 @@ def write_dir_atomic(out: Path, files: dict[str, str | bytes]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def report(path: Path, size: int, more: str) -> None:
@@ -219,15 +207,9 @@ def call_args(values: dict[str, Any]) -> str:
 def log_to_run(states: dict, cfg: Any, run_dir: Path, paths: list[Path]) -> str:
     """Copy `paths` under export/ of the run's MLflow run, found as `largessl eval knn` finds it; '' when tracking
     is off, the run is unknown or the store did not take them (then one warning says why)."""
-    if not cfg.tracking.enabled:
-        return ""
-    from largessl.tracking import Tracker, recorded_run
+    from largessl.tracking import attach_recorded
 
-    run_id, uri = recorded_run(cfg.tracking, run_dir, states.get("mlflow_run_id") or "",
-                               states.get("tracking_uri") or "")
-    if not run_id:
-        return ""
-    tracker = Tracker.attach(uri, run_id)
+    tracker = attach_recorded(cfg.tracking, run_dir, states)
     for path in paths:
         if tracker.run_id:
             tracker.log_artifact(path, "export")

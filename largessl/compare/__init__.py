@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def store_uri(given: str) -> str:
-    from largessl.tracking.store import default_uri, normalized
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else MLflow's default: as the trainer chooses (tracking.uri)."""
+    from largessl.config.schema import TrackingConfig
+    from largessl.tracking.store import resolve_uri
 
-    return normalized(given or os.environ.get("MLFLOW_TRACKING_URI", "")) or default_uri()
+    return resolve_uri(TrackingConfig(uri=given))
 
 
 def check_outputs(args: argparse.Namespace) -> None:

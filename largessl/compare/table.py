@@ -115,7 +115,7 @@ def cell(value: Any, column: str) -> str:
         return value
     if column == "gpu_hours":
         return f"{value:.3f}" if value < 100 else f"{value:.0f}"
-    if column in ("images_per_sec",):
+    if column == "images_per_sec":
         return f"{value:.1f}"
     if column == "epochs":
         return f"{value:.2f}"

@@ -78,18 +78,11 @@ def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_spl
 
 
 def _log_to_run(states: dict, cfg: object, metrics: dict[str, float], step: int, run_dir: Path) -> str:
-    """Log `metrics` at the checkpoint's step to the training run, when its MLflow run is known and reachable: the
-    run RUN_DIR/mlflow_run.json names (a checkpoint saved while the store was down has no run id), else the
-    checkpoint's. Returns the run id, '' when not logged."""
-    if not cfg.tracking.enabled:
-        return ""
-    from largessl.tracking import Tracker, recorded_run
+    """Log `metrics` at the checkpoint's step to the training run, when its MLflow run is known and reachable.
+    Returns the run id, '' when not logged."""
+    from largessl.tracking import attach_recorded
 
-    run_id, uri = recorded_run(cfg.tracking, run_dir, states.get("mlflow_run_id") or "",
-                               states.get("tracking_uri") or "")
-    if not run_id:
-        return ""
-    tracker = Tracker.attach(uri, run_id)
+    tracker = attach_recorded(cfg.tracking, run_dir, states)
     tracker.log_metrics(metrics, step)
     tracker.finish()
     return tracker.run_id

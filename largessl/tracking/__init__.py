@@ -45,7 +45,8 @@ from largessl.tracking.store import (
     resolve_uri,
 )
 
-__all__ = ["NullTracker", "Tracker", "browse_hint", "check_store", "git_commit", "recorded_run", "resolve_uri"]
+__all__ = ["NullTracker", "Tracker", "attach_recorded", "browse_hint", "check_store", "git_commit", "recorded_run",
+           "resolve_uri"]
 
 ATTACH_TIMEOUT_S = 15.0  # bound on each MLflow call made for evaluation
 ARTIFACT_TIMEOUT_S = 1800.0  # bound on one exported encoder's upload (ViT-H: 2.5 GB)
@@ -199,6 +200,15 @@ def recorded_run(cfg: TrackingConfig, run_dir: Path, fallback_run_id: str = "",
         return str(state["run_id"]), resolve_uri(cfg, str(state.get("uri") or ""))
     return fallback_run_id or "", resolve_uri(cfg, fallback_uri or "")
 
+
+def attach_recorded(cfg: TrackingConfig, run_dir: Path, states: dict[str, Any]) -> NullTracker:
+    """A run directory's MLflow run, to add results to after training (evaluation, export): the run
+    RUN_DIR/mlflow_run.json names (a checkpoint saved while the store was down has no run id), else the one in a
+    checkpoint's client state `states`. A NullTracker (run_id '') when tracking is off or neither names a run."""
+    if not cfg.enabled:
+        return NullTracker()
+    run_id, uri = recorded_run(cfg, run_dir, states.get("mlflow_run_id") or "", states.get("tracking_uri") or "")
+    return Tracker.attach(uri, run_id) if run_id else NullTracker()
 
 
 class _Attached(NullTracker):
