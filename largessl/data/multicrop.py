@@ -42,23 +42,27 @@ class PILGaussianBlur:
         return f"{type(self).__name__}(p={self.p}, radius=({self.radius_min}, {self.radius_max}))"
 
 
-def _crop_flip_colour(size: int, scale: tuple[float, float]) -> list[Callable]:
-    """The steps every view shares, up to (not including) blur."""
-    return [
-        v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
+def colour_steps(*, blur_p: float, solarize_p: float = 0.0) -> list[Callable]:
+    """BYOL's colour augmentation, as DINO and SIM use it: jitter (p 0.8) -> grayscale (p 0.2) -> PIL blur
+    (p `blur_p`) -> solarise (p `solarize_p`) -> normalise."""
+    steps = [
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
+        PILGaussianBlur(blur_p),
     ]
+    if solarize_p > 0:
+        # On a PIL image this is ImageOps.solarize(image, 128): pixels >= 128 are inverted.
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    return [*steps, *to_normalized_tensor()]
 
 
 def build_view(size: int, scale: tuple[float, float], *, blur_p: float, solarize_p: float = 0.0) -> v2.Compose:
     """One view's pipeline: crop -> flip -> colour jitter -> grayscale -> blur -> solarise -> normalise."""
-    steps = [*_crop_flip_colour(size, scale), PILGaussianBlur(blur_p)]
-    if solarize_p > 0:
-        # On a PIL image this is ImageOps.solarize(image, 128): pixels >= 128 are inverted.
-        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    return v2.Compose([*steps, *to_normalized_tensor()])
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+        *colour_steps(blur_p=blur_p, solarize_p=solarize_p),
+    ])
 
 
 class MultiCropTransform:

@@ -88,3 +88,27 @@ def all_gather_object(obj: Any) -> list[Any]:
 def barrier() -> None:
     if is_distributed() and world_size() > 1:
         dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: every rank's tensor, stacked in rank order. Backward: the gradient of this rank's slice summed over
+    ranks (an all-reduce; gloo has no reduce-scatter), which is what each rank's share of the loss sends back."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (autograd's ctx)
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank()]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """[world_size, *tensor.shape]: every rank's `tensor` in rank order, differentiable (SyncBN statistics)."""
+    if not is_distributed() or world_size() == 1:
+        return tensor[None]
+    return _GatherWithGrad.apply(tensor)

@@ -137,12 +137,13 @@ class ViTEncoder(nn.Module):
 
     Shapes: images [B, 3, H, W]; patch tokens [B, N, D] with N = (H/p)^2; keep_idx [B, K] patch indices.
     `pos_embed` is "sincos" (fixed, MAE's layout), "sincos_rows_first" (fixed, CAE's) or "learned" (DINO); `init`
-    is "mae", "dino" or "cae"; `layer_scale` (CAE) makes the blocks BEiT's (see build_blocks).
+    is "mae", "dino" or "cae"; `layer_scale` (CAE) makes the blocks BEiT's (see build_blocks); `final_norm=False`
+    (SIM) leaves out the final LayerNorm.
     """
 
     def __init__(self, *, image_size: int, patch_size: int, dim: int, depth: int, heads: int,
                  drop_path_rate: float = 0.0, grad_checkpointing: bool = False, pos_embed: str = "sincos",
-                 init: str = "mae", layer_scale: float | None = None) -> None:
+                 init: str = "mae", layer_scale: float | None = None, final_norm: bool = True) -> None:
         super().__init__()
         self.dim, self.patch_size = dim, patch_size
         # Not strict about the input size: learned positions are resampled for other sizes (local crops).
@@ -156,7 +157,7 @@ class ViTEncoder(nn.Module):
             table = sincos_2d(dim, self.grid_size, rows_first=pos_embed == "sincos_rows_first")
             self.register_buffer("pos_embed", table[None], persistent=False)
         self.blocks = build_blocks(dim, depth, heads, drop_path_rate, layer_scale)
-        self.norm = LayerNorm(dim)
+        self.norm = LayerNorm(dim) if final_norm else nn.Identity()  # SIM pretrains without one
         self.grad_checkpointing = grad_checkpointing
         self.apply(INITS[init])
         if init == "cae":

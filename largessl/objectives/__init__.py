@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from largessl.objectives.base import Objective
 
 CLASSES = {"mae": "largessl.objectives.mae:MAE", "dino": "largessl.objectives.dino:DINO",
-           "cae": "largessl.objectives.cae:CAE"}
+           "cae": "largessl.objectives.cae:CAE", "sim": "largessl.objectives.sim:SIM"}
 assert CLASSES.keys() == OBJECTIVE_CONFIGS.keys()
 
 

@@ -197,4 +197,81 @@ class CAEConfig:
         return {"objective.tokenizer_path": self.tokenizer_path} if self.target == "dalle" else {}
 
 
-OBJECTIVE_CONFIGS: dict[str, type] = {"mae": MAEConfig, "dino": DINOConfig, "cae": CAEConfig}
+SIM_LOSS_FORMS = ("dense", "global_dense")
+SIM_CORRELATIONS = ("batch", "ema")
+
+
+@dataclass
+class SIMConfig:
+    """SIM (objective.name=sim): two views with their relative geometry, block mask, BN projector and predictor,
+    EMA target, UniGrad loss."""
+
+    name: str = "sim"
+    """Objective name (selects this config section)."""
+    num_masked: int = 0
+    """Patches of view 1 masked per image, exactly (block-wise, topped up at random); 0: 60% (118 of 196, 154 of
+    256)."""
+    min_block_patches: int = 16
+    """Smallest block the mask generator places (SIM passes 16)."""
+    decoder_dim: int = 0
+    """Width of projector and predictor, Dd; 0: the encoder's (the ViT-B reference run uses 768)."""
+    decoder_heads: int = 16
+    """Attention heads of projector and predictor."""
+    projector_depth: int = 2
+    """Blocks (with batch norm) after the Linear(D -> Dd) of the projector, in both branches."""
+    predictor_depth: int = 4
+    """Blocks (with batch norm) of the predictor."""
+    neg_weight: float = 0.02
+    """lambda of UniGrad: loss = (positive + lambda x negative) / Dd."""
+    loss_form: str = "dense"
+    """'dense': the released loss, every token of view 2 a sample; 'global_dense': alpha1 x the same loss on the
+    mean-pooled tokens + alpha2 x the dense loss (the SIM write-up's form)."""
+    alpha1: float = 1.0
+    """Weight of the global term (loss_form=global_dense)."""
+    alpha2: float = 4.0
+    """Weight of the dense term (loss_form=global_dense)."""
+    correlation: str = "batch"
+    """The negative term's target correlation: 'batch', of the current micro-batch over all ranks (released SIM);
+    'ema', an EMA of it updated once per optimizer step (UniGrad), saved in checkpoints."""
+    correlation_momentum: float = 0.99
+    """rho of correlation=ema: F <- rho F + (1 - rho) F_batch."""
+    teacher_momentum: float = 0.995
+    """EMA momentum of the target branch at step 0; follows a cosine to teacher_momentum_end."""
+    teacher_momentum_end: float = 1.0
+    """EMA momentum at the last step."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range of both views (the reference run's --crop_min 0.08)."""
+
+    def validate(self, prefix: str = "objective") -> None:
+        require(self.loss_form in SIM_LOSS_FORMS, f"{prefix}.loss_form", f"must be one of {', '.join(SIM_LOSS_FORMS)}")
+        require(self.correlation in SIM_CORRELATIONS, f"{prefix}.correlation",
+                f"must be one of {', '.join(SIM_CORRELATIONS)}")
+        require(self.min_block_patches >= 1, f"{prefix}.min_block_patches", "must be >= 1")
+        require(self.num_masked >= 0, f"{prefix}.num_masked", "must be >= 0 (0: 60% of the patches)")
+        for key in ("decoder_heads", "predictor_depth"):
+            require(getattr(self, key) > 0, f"{prefix}.{key}", "must be > 0")
+        for key in ("decoder_dim", "projector_depth"):
+            require(getattr(self, key) >= 0, f"{prefix}.{key}", "must be >= 0")
+        for key in ("neg_weight", "alpha1", "alpha2"):
+            require(getattr(self, key) >= 0, f"{prefix}.{key}", "must be >= 0")
+        for key in ("correlation_momentum", "teacher_momentum", "teacher_momentum_end"):
+            require(0 <= getattr(self, key) <= 1, f"{prefix}.{key}", "must be in [0, 1]")
+        low, high = self.crop_scale
+        require(0 < low <= high <= 1, f"{prefix}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
+
+    def masked_count(self, model: ModelConfig) -> int:
+        return self.num_masked or round(0.6 * model.num_patches)
+
+    def width(self, model: ModelConfig) -> int:
+        """Dd, the projector's and predictor's width."""
+        return self.decoder_dim or model.dims[0]
+
+    def validate_with_model(self, model: ModelConfig) -> None:
+        check_mask_count("objective.num_masked", self.masked_count(model), model.num_patches, self.min_block_patches)
+        dim = self.width(model)
+        require(dim % self.decoder_heads == 0, "objective.decoder_heads",
+                f"{self.decoder_heads} heads do not divide the width {dim}")
+        require(dim % 4 == 0, "objective.decoder_dim", f"{dim} is not a multiple of 4 (sin-cos positions)")
+
+
+OBJECTIVE_CONFIGS: dict[str, type] = {"mae": MAEConfig, "dino": DINOConfig, "cae": CAEConfig, "sim": SIMConfig}
