@@ -1,7 +1,7 @@
 """`largessl export`: a run's encoder as timm `vision_transformer` weights (safetensors), loadable in one line.
 
-The encoder is the one the papers evaluate (`objective.eval_encoder()`: DINO's EMA teacher, MAE's and CAE's
-encoder), read from any ZeRO stage's checkpoint without a process group and converted to timm's names
+The encoder is the one the papers evaluate (`objective.eval_encoder()`: DINO's EMA teacher, MAE's, CAE's and
+SIM's (online) encoder), read from any ZeRO stage's checkpoint without a process group and converted to timm's names
 (models/timm_format.py). Before anything is written, the weights are loaded into the timm model strictly and its
 features compared with ours: a converter bug stops the export. Formats (docs/export.md): `safetensors`, a file plus
 a JSON with the `create_model` arguments, and `timm`, a directory that `timm.create_model("local-dir:DIR",
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint {tag_dir} (step {step}): {method}, its {role}", flush=True)
     from largessl.models.timm_format import POOL, build_timm, check_features, timm_kwargs, timm_name, timm_state_dict
 
-    name, kwargs = timm_name(cfg), timm_kwargs(cfg)
+    name, kwargs = timm_name(cfg), timm_kwargs(cfg, encoder)
     state = timm_state_dict(encoder.eval())
     diff = check_features(encoder, build_timm(name, kwargs, state), POOL.get(method, "cls"), cfg.model.image_size)
     print(f"timm {name} ({call_args(kwargs)}): loads strictly, features within {diff:.1e} of ours", flush=True)
@@ -96,11 +96,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def encoder_role(method: str) -> str:
-    """'teacher' when the objective trains an EMA teacher (its eval encoder), else 'encoder'."""
+    """'teacher' when the objective evaluates another module than its online encoder (DINO's EMA teacher), else
+    'encoder'. An EMA teacher alone does not make it one: SIM's target branch is not its eval encoder."""
     from largessl.objectives import objective_class
     from largessl.objectives.base import Objective
 
-    return "teacher" if objective_class(method).teacher_pairs is not Objective.teacher_pairs else "encoder"
+    return "teacher" if objective_class(method).eval_encoder is not Objective.eval_encoder else "encoder"
 
 
 # ----------------------------------------------------------------------------- files

@@ -1,8 +1,8 @@
-"""`largessl export` on real checkpoints of real 2-step runs (MAE, DINO, CAE at ZeRO-0 and ZeRO-3, a real SQLite
-MLflow store): timm builds the exported encoder with the printed line (safetensors + JSON) or from the directory
-alone (local-dir:), with no key missing or left over, and gives our encoder's features on real images within 1e-5
-(fp32); DINO's export is the teacher; the files are in the MLflow run; --step picks an older checkpoint; bad inputs
-end with one line and exit code 2.
+"""`largessl export` on real checkpoints of real 2-step runs (MAE, DINO, CAE, SIM at ZeRO-0 and ZeRO-3, a real
+SQLite MLflow store): timm builds the exported encoder with the printed line (safetensors + JSON) or from the
+directory alone (local-dir:), with no key missing or left over, and gives our encoder's features on real images
+within 1e-5 (fp32); DINO's export is the teacher, SIM's the online encoder with no final norm; the files are in the
+MLflow run; --step picks an older checkpoint; bad inputs end with one line and exit code 2.
 
 The safetensors export of MAE at ZeRO-0 and of the slow combinations goes through the command (a child process);
 the others, the timm-directory exports (of the older step) and the bad inputs call `largessl.export.main` in this
@@ -32,13 +32,15 @@ from largessl.distributed.ema import read_teacher_fp32
 from largessl.distributed.engine import read_checkpoint
 from largessl.eval.standalone import load_encoder
 from largessl.export import main as export_main
+from largessl.models.pos_embed import sincos_2d
 
-POOL = {"mae": "cls", "dino": "cls", "cae": "mean"}  # the feature each method's k-NN reads (CAE: mean of patches)
+POOL = {"mae": "cls", "dino": "cls", "cae": "mean", "sim": "mean"}  # the exported feature (CAE, SIM: mean of patches)
 EXTRA = {"dino": ["model.image_size=32", "objective.local_crop_size=16", "objective.local_crops=2",
                   "objective.out_dim=1024", "objective.teacher_momentum=0.5"]}  # test_dino_train.py's small DINO
 COMBOS = [("mae", 0), pytest.param("mae", 3, marks=pytest.mark.slow), pytest.param("dino", 0, marks=pytest.mark.slow),
-          ("dino", 3), pytest.param("cae", 0, marks=pytest.mark.slow), ("cae", 3)]
-IN_PROCESS = {("dino", 3), ("cae", 3)}  # default combinations whose safetensors export is not run as a child
+          ("dino", 3), pytest.param("cae", 0, marks=pytest.mark.slow), ("cae", 3), ("sim", 0),
+          pytest.param("sim", 3, marks=pytest.mark.slow)]  # sim-3: ~60 s on 2 busy cores; sim-0 adds ~35 s by default
+IN_PROCESS = {("dino", 3), ("cae", 3), ("sim", 0)}  # default combinations whose safetensors export runs in this process
 
 
 @dataclass
@@ -138,6 +140,15 @@ def test_safetensors_export_loads_strictly_with_the_printed_line_and_gives_our_f
     if method == "cae":  # layer scale, and the pooled feature is the mean of the normed patch tokens
         assert (spec["kwargs"]["init_values"], spec["kwargs"]["global_pool"], spec["kwargs"]["fc_norm"]) == (
             0.1, "avg", False)
+    assert spec["kwargs"].get("final_norm", True) == (method != "sim")
+    if method == "sim":  # the online encoder, no final norm, the mean of the un-normed patch tokens
+        assert spec["encoder"] == "encoder" and (spec["kwargs"]["global_pool"], spec["kwargs"]["fc_norm"]) == (
+            "avg", False)
+        assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.Identity)
+        weights = load_file(run.run_dir / "export" / "step_00000002.safetensors")
+        assert not [key for key in weights if key.startswith(("norm.", "fc_norm."))]
+        rows_first = sincos_2d(192, 6, rows_first=True)[None]  # SIM's layout, not MAE's
+        assert torch.equal(weights["pos_embed"], rows_first) and not torch.equal(rows_first, sincos_2d(192, 6)[None])
 
 
 @pytest.mark.parametrize("method,stage", COMBOS)
@@ -154,7 +165,8 @@ def test_timm_directory_of_an_older_step_loads_alone_and_gives_its_features(expo
     assert not keys.missing_keys and not keys.unexpected_keys
     assert_same_features(model, run, step=1)
     newer = load_file(run.run_dir / "export" / "step_00000002.safetensors")
-    for key in ("blocks.0.attn.qkv.bias", "blocks.11.mlp.fc2.weight", "norm.bias"):  # step 2 moved them far
+    last_norm = "blocks.11.norm2.bias" if run.method == "sim" else "norm.bias"  # SIM's encoder has no final norm
+    for key in ("blocks.0.attn.qkv.bias", "blocks.11.mlp.fc2.weight", last_norm):  # step 2 moved them far
         assert (newer[key] - model.state_dict()[key]).abs().max() > 0.01, key
     assert not list(run.run_dir.glob("export/.*"))  # no temporary left beside them
 

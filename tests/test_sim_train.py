@@ -30,6 +30,7 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+@pytest.mark.slow  # 67 s; in the default suite the 6-step one-process run below must lower the loss too
 def test_loss_falls_over_60_steps_on_imagenette(imagenette_shards: Path, tmp_path: Path) -> None:
     ok(run_largessl(sim_run(imagenette_shards, "in", "optim.global_batch_size=32", "trainer.max_steps=60",
                             "trainer.log_every=5", "trainer.ckpt_every=60", "tracking.enabled=false"), tmp_path))
@@ -92,6 +93,7 @@ def test_two_processes_at_zero2_repeat_the_one_process_run(one_process: Path, mi
     assert_same_run(tmp_path / "runs" / "two2", one_process)
 
 
+@pytest.mark.slow  # 22 s (plus the fp32 run); bf16 at ZeRO-3 runs SIM's target branch in test_ema.py by default
 def test_bf16_run_at_zero2_is_finite_and_close_to_fp32(one_process: Path, mini_shards: Path, tmp_path: Path) -> None:
     # The recipes' setting (pretrain/sim_vitb16: bf16, ZeRO-2), on the same 6 steps as the fp32 run.
     ok(run_largessl(sim_run(mini_shards, "bf16", *COMMON, "data.micro_batch_size=32", "distributed.zero_stage=2",
@@ -154,3 +156,38 @@ def test_resume_after_sigkill_repeats_the_losses_with_target_bn_statistics_and_c
     assert sorted(got) == sorted(expected)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_patch_embedding_is_frozen_outside_the_optimizer_and_the_target_mirrors_the_online_branch() -> None:
+    from largessl.models.batchnorm import TokenSyncBatchNorm
+    from largessl.models.config import ModelConfig
+    from largessl.objectives.config import SIMConfig
+    from largessl.objectives.sim import SIM
+    from largessl.optim.config import OptimConfig
+    from largessl.optim.param_groups import build_param_groups
+
+    model = SIM(SIMConfig(num_masked=22, min_block_patches=4, decoder_dim=64, decoder_heads=4),
+                ModelConfig(name="vit_tiny_patch16", image_size=96))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = build_param_groups(model, OptimConfig(weight_decay=0.05, wd_on_tokens=True))
+    optimized = {names[id(p)] for g in groups for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert optimized == trainable
+    assert not any(n.startswith(("encoder.patch_embed.", "target.")) for n in optimized)  # frozen, outside AdamW
+    assert "encoder.patch_embed.proj.weight" in names.values()
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {"encoder.cls_token", "predictor.mask_token"} <= decayed  # as SIM's timm groups (wd_on_tokens)
+    assert not any(n.endswith(".bias") or "norm" in n for n in decayed)
+    # The target follows every online encoder and projector parameter except the (shared, frozen) patch embedding.
+    pairs = dict(model.teacher_pairs())
+    assert set(pairs.values()) == {n for n in trainable if n.startswith(("encoder.", "projector."))}
+    assert set(pairs) == {n for n, _ in model.target.named_parameters(prefix="target")}
+    assert all(dict(model.named_parameters())[t].shape == dict(model.named_parameters())[s].shape
+               for t, s in pairs.items())
+    assert isinstance(model.encoder.norm, torch.nn.Identity)  # no final LayerNorm in SIM pretraining
+    norms = [m for m in model.modules() if isinstance(m, TokenSyncBatchNorm)]
+    assert len(norms) == 2 * (2 + 4 + 2)  # projector, predictor, target projector: two per block
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in (*model.projector.modules(), *model.predictor.modules()))

@@ -20,7 +20,8 @@ from slurm_cluster import SlurmCluster
 # Fits a pretrain script onto one 2-core node; --gpus-per-node=8 stays (a count-only GRES here). --time above the
 # 10 minutes of --signal=USR1@600, else SLURM sends USR1 as soon as the job starts.
 SHRINK = ("--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15")
-PRETRAIN = {"pretrain_cae_vith.sh": "cae", "pretrain_mae_vith.sh": "mae", "pretrain_dino_vitb.sh": "dino"}
+PRETRAIN = {"pretrain_cae_vith.sh": "cae", "pretrain_mae_vith.sh": "mae", "pretrain_dino_vitb.sh": "dino",
+            "pretrain_sim_vitb.sh": "sim"}
 
 
 def job_env(workdir: Path) -> dict[str, str]:

@@ -4,9 +4,11 @@ The parameter names are timm's already (patch_embed.proj, cls_token, blocks.i.{n
 mlp.fc1, mlp.fc2}, norm); what differs: a fixed sin-cos table is a buffer we do not save, written as timm's learned
 `pos_embed` [1, 1 + N, D] ([cls] position first: timm adds it after prepending [cls], we add it to cls_token, the
 same sums); CAE's blocks are timm's beit.Block, whose gamma_1/gamma_2 are timm's ls1/ls2.gamma and whose q and v
-biases, with the fixed zero k bias, are timm's fused attn.qkv.bias. Our forward norms every token; timm's pooled
-feature is then the [cls] token ("token"), or for CAE the mean of the patch tokens ("avg" with fc_norm=False, which
-keeps timm's norm before the pooling).
+biases, with the fixed zero k bias, are timm's fused attn.qkv.bias. Our forward norms every token, if the encoder
+has a final norm (SIM's has none: its `norm` is nn.Identity, so there is no norm.weight/bias and timm is built with
+final_norm=False, which leaves out both its norm and its fc_norm). timm's pooled feature is then the [cls] token
+("token"), or for CAE and SIM the mean of the patch tokens ("avg" with fc_norm=False, which keeps timm's norm,
+where there is one, before the pooling).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-POOL = {"cae": "mean"}  # the feature each method's k-NN reads (ViTEncoder.forward_pooled); "cls" otherwise
+POOL = {"cae": "mean", "sim": "mean"}  # the feature exported (ViTEncoder.forward_pooled); "cls" otherwise
 FEATURE_ATOL = 1e-4  # export-time check, fp32; the tests hold the two models to 1e-5
 
 
@@ -28,9 +30,10 @@ def timm_name(cfg: Any) -> str:
     return next(name for name in names if timm.is_model(name))
 
 
-def timm_kwargs(cfg: Any) -> dict[str, Any]:
-    """create_model arguments that make timm's VisionTransformer ours: no head, our size and image size, layer scale
-    for CAE, and the pooled feature our k-NN reads ([cls]; CAE: the mean of the normed patch tokens)."""
+def timm_kwargs(cfg: Any, encoder: nn.Module) -> dict[str, Any]:
+    """create_model arguments that make timm's VisionTransformer `encoder`: no head, our size and image size, layer
+    scale for CAE, no final norm where the encoder has none (SIM), and the pooled feature the export gives ([cls];
+    CAE, SIM: the mean of the patch tokens, after the final norm if there is one)."""
     dim, depth, heads = cfg.model.dims
     cae = cfg.objective.name == "cae"
     kwargs = dict(num_classes=0, img_size=cfg.model.image_size, patch_size=cfg.model.patch_size, embed_dim=dim,
@@ -39,7 +42,14 @@ def timm_kwargs(cfg: Any) -> dict[str, Any]:
                   global_pool="avg" if POOL.get(cfg.objective.name) == "mean" else "token")
     if kwargs["global_pool"] == "avg":
         kwargs["fc_norm"] = False  # timm would move the final norm after the pooling; ours comes before it
+    if not has_final_norm(encoder):
+        kwargs["final_norm"] = False  # timm then has neither norm nor fc_norm (whatever fc_norm says)
     return kwargs
+
+
+def has_final_norm(encoder: nn.Module) -> bool:
+    """Whether the encoder norms its output tokens (ViTEncoder(final_norm=False), SIM's, has nn.Identity there)."""
+    return not isinstance(encoder.norm, nn.Identity)
 
 
 def timm_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
