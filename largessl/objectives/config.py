@@ -14,6 +14,12 @@ from largessl.epochs import check_pair
 from largessl.models.config import ModelConfig
 
 
+def check_scale_range(scale: tuple[float, float], key: str) -> None:
+    """A RandomResizedCrop area range: [low, high] with 0 < low <= high <= 1."""
+    low, high = scale
+    require(0 < low <= high <= 1, key, "must be [low, high] with 0 < low <= high <= 1")
+
+
 @dataclass
 class MAEConfig:
     """MAE (objective.name=mae): masking, decoder, loss target, crops."""
@@ -39,8 +45,7 @@ class MAEConfig:
         require(self.decoder_heads > 0 and self.decoder_dim % self.decoder_heads == 0, f"{prefix}.decoder_heads",
                 f"must divide decoder_dim ({self.decoder_dim})")
         require(self.decoder_dim % 4 == 0, f"{prefix}.decoder_dim", "must be a multiple of 4 (sin-cos positions)")
-        low, high = self.crop_scale
-        require(0 < low <= high <= 1, f"{prefix}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
+        check_scale_range(self.crop_scale, f"{prefix}.crop_scale")
 
     def validate_with_model(self, model: ModelConfig) -> None:
         keep = num_visible(model.num_patches, self.mask_ratio)
@@ -109,8 +114,7 @@ class DINOConfig:
         for key in ("center_momentum", "teacher_momentum", "teacher_momentum_end"):
             require(0 <= getattr(self, key) <= 1, f"{prefix}.{key}", "must be in [0, 1]")
         for key in ("global_crop_scale", "local_crop_scale"):
-            low, high = getattr(self, key)
-            require(0 < low <= high <= 1, f"{prefix}.{key}", "must be [low, high] with 0 < low <= high <= 1")
+            check_scale_range(getattr(self, key), f"{prefix}.{key}")
 
     def validate_with_model(self, model: ModelConfig) -> None:
         require(self.local_crop_size % model.patch_size == 0, "objective.local_crop_size",
@@ -175,8 +179,7 @@ class CAEConfig:
             require(getattr(self, key) >= 0, f"{prefix}.{key}", "must be >= 0 (0: the encoder's)")
         require(self.layer_scale > 0 and self.decoder_layer_scale > 0, f"{prefix}.layer_scale",
                 "layer_scale and decoder_layer_scale must be > 0")
-        low, high = self.crop_scale
-        require(0 < low <= high <= 1, f"{prefix}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
+        check_scale_range(self.crop_scale, f"{prefix}.crop_scale")
 
     def masked_count(self, model: ModelConfig) -> int:
         return self.num_masked or model.num_patches // 2
@@ -256,8 +259,7 @@ class SIMConfig:
             require(getattr(self, key) >= 0, f"{prefix}.{key}", "must be >= 0")
         for key in ("correlation_momentum", "teacher_momentum", "teacher_momentum_end"):
             require(0 <= getattr(self, key) <= 1, f"{prefix}.{key}", "must be in [0, 1]")
-        low, high = self.crop_scale
-        require(0 < low <= high <= 1, f"{prefix}.crop_scale", "must be [low, high] with 0 < low <= high <= 1")
+        check_scale_range(self.crop_scale, f"{prefix}.crop_scale")
 
     def masked_count(self, model: ModelConfig) -> int:
         return self.num_masked or round(0.6 * model.num_patches)
