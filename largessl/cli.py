@@ -1,4 +1,4 @@
-"""The `largessl` command: pretrain, eval knn, compare, export."""
+"""The `largessl` command: pretrain, eval knn|linear|attentive|finetune, compare, export."""
 
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
                      help="image feature: the [cls] output, or the mean patch output (CAE trains no [cls] loss)")
     knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                      help="DataLoader worker processes (default: the cores, at most 8)")
+    from largessl.eval.run import add_parsers
+
+    add_parsers(protocols, HelpFormatter)
 
 
 def pretrain(args: argparse.Namespace) -> int:
@@ -167,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             from largessl import export
 
             return export.run(args)
-        return eval_knn(args)
+        if args.protocol == "knn":
+            return eval_knn(args)
+        from largessl.eval import run as protocol
+
+        return protocol.run(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -20,7 +20,8 @@ from largessl.errors import ConfigError, UserError
 
 NEEDS = {"data.train": "is required: a shard dataset directory (docs/shard-format.md; python -m data_tools writes one)",
          "eval.knn_train": "needs a dataset for eval.knn_every: set data.train (or eval.knn_train)",
-         "eval.knn_val": "needs a dataset for eval.knn_every: set data.val (or eval.knn_val)"}
+         "eval.knn_val": "needs a dataset for eval.knn_every: set data.val (or eval.knn_val)",
+         "data.val": "is required by an evaluation protocol (its top-1): a labelled shard dataset directory"}
 
 
 def check_pretrain(cfg: PretrainConfig) -> None:

@@ -23,14 +23,16 @@ from largessl.data.loader import DataPosition, kill_workers
 from largessl.data.transforms import EvalTransform
 from largessl.distributed import comm
 from largessl.distributed.ema import EMATeacher
-from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
+from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, load_weights, model_init_context
 from largessl.errors import SharedError, UserError
 from largessl.eval.config import knn_metric
 from largessl.eval.knn import extract_features, knn_top1
+from largessl.eval.top1 import top1_accuracy
 from largessl.health import FiniteGuard, decode_first_bad, diverged
 from largessl.launch import slurm
 from largessl.lifecycle import SaveClock, StopSignals
 from largessl.objectives import objective_class
+from largessl.optim.build import make_optimizer
 from largessl.optim.param_groups import build_param_groups
 from largessl.optim.schedules import apply_schedules
 from largessl.progress import Interval, peak_memory_gb, progress_line, say, sync
@@ -59,6 +61,7 @@ class Trainer:
         self.stop_signal = 0
         self.resumes = 0
         self.save_clock = SaveClock(cfg.trainer.ckpt_every_minutes)
+        self.top1: float | None = None  # an evaluation protocol's last top-1
         try:
             self._build()
         except BaseException:
@@ -86,8 +89,10 @@ class Trainer:
         rng.seed_everything(cfg.trainer.seed)  # identical initial weights on every rank
         with model_init_context(self.ds_config):
             objective = self.objective_cls(cfg.objective, cfg.model)
+        self._load_initial_weights(objective)
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
-                             betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device)
+                             betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device,
+                             make_optimizer=partial(make_optimizer, cfg=cfg.optim))
         self.note(f"DeepSpeed engine: ZeRO-{self.zero_stage}, {cfg.distributed.precision}, "
                   f"{self.engine.num_parameters() / 1e6:.1f}M parameters; {cfg.optim.global_batch_size} images per "
                   f"step = {cfg.data.micro_batch_size} x {self.accumulation} accumulation x {self.env.world_size} "
@@ -165,6 +170,14 @@ class Trainer:
                     "MLflow keeps the params it logged first")
         comm.barrier()
 
+    def _load_initial_weights(self, objective: Any) -> None:
+        """An evaluation's pretrained encoder, before DeepSpeed copies the weights into its fp32 masters; a
+        resumed run's checkpoint replaces them right after."""
+        weights = objective.initial_weights()
+        if weights:
+            load_weights(objective, weights)
+            self.note(f"initial weights: {len(weights)} tensors from {self.cfg.objective.checkpoint}")
+
     def _build_teacher(self) -> EMATeacher | None:
         """The objective's EMA teacher, if it has one (DINO, SIM), following the student's fp32 masters."""
         module = self.engine.module
@@ -221,7 +234,8 @@ class Trainer:
                 "world_size": str(self.env.world_size), "git_commit": git_commit(), "slurm_job_id": slurm.job_id(),
                 "slurm_restart_count": str(slurm.restart_count()), "resumes": str(self.resumes),
                 "run_dir": str(self.run_dir.resolve()),
-                "max_steps": str(self.cfg.trainer.max_steps)}  # a tag, rewritten by a resume that changes it
+                "max_steps": str(self.cfg.trainer.max_steps),  # a tag, rewritten by a resume that changes it
+                **self.engine.module.run_tags()}
         params = {**flatten(to_dict(self.cfg)), "derived.world_size": self.env.world_size,
                   "derived.accumulation_steps": self.accumulation, "derived.peak_lr": self.cfg.optim.peak_lr()}
         client_state = client_state or {}
@@ -273,6 +287,9 @@ class Trainer:
             if self.cfg.eval.knn_every and self.step % self.cfg.eval.knn_every == 0:
                 with interval.paused():
                     self._log_knn()
+            if self._top1_due():
+                with interval.paused():
+                    self.log_top1()
             if stopping or saving:
                 with interval.paused():
                     self.save()
@@ -280,6 +297,8 @@ class Trainer:
                 say(f"stopped by signal at step {self.step}; checkpoint saved in {self.ckpt_dir}; "
                     "rerun the same command to resume")
                 return 128 + (self.stop_signal or signal.SIGTERM)
+        if self.engine.module.metric and self.top1 is None:  # a finished evaluation, run again
+            self.log_top1()
         self._say_done()
         return 0
 
@@ -363,6 +382,21 @@ class Trainer:
                                  batch_size=self.cfg.eval.knn_batch_size or self.cfg.data.micro_batch_size,
                                  rank=self.env.rank, world_size=self.env.world_size,
                                  num_workers=self.cfg.data.num_workers, image_size=self.cfg.model.image_size)
+
+    def _top1_due(self) -> bool:
+        every = self.cfg.eval.every
+        return bool(self.engine.module.metric) and (self.step == self.cfg.trainer.max_steps
+                                                    or bool(every and self.step % every == 0))
+
+    def log_top1(self) -> float:
+        """An evaluation protocol's top-1 on data.val (all ranks together); logged and returned."""
+        module = self.engine.module
+        index = open_split(self.cfg.data.val, self.cfg.data.val_split, "data.val")
+        top1 = top1_accuracy(module, self._eval_loader(index), device=self.env.device, dtype=module.compute_dtype())
+        self.note(f"step {self.step} | {module.metric} {top1:.4f}")
+        self._log({module.metric: top1})
+        self.top1 = top1
+        return top1
 
     def _log_knn(self) -> None:
         top1, metric = self.knn_accuracy(), knn_metric(self.cfg.eval.knn_pool)

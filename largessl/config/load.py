@@ -22,8 +22,10 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_OBJECTIVE = "mae"
 
 
-def list_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+def list_recipes(kind: str = "pretrain") -> list[str]:
+    """Shipped recipe names: the pretraining ones, or with kind='eval' the evaluation protocols' (configs/eval/)."""
+    names = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    return [name for name in names if name.startswith("eval/") == (kind == "eval")]
 
 
 def recipe_summary(name: str) -> str:
@@ -52,18 +54,18 @@ def config_help() -> str:
                        "(README: 'Pretraining')."])
 
 
-def find_recipe(name_or_path: str) -> Path:
-    """A path to a YAML file, or a shipped recipe name such as 'debug/mae_vit_tiny'."""
+def find_recipe(name_or_path: str, kind: str = "pretrain") -> Path:
+    """A path to a YAML file, or a shipped recipe name such as 'debug/mae_vit_tiny' (of `kind`, for the hint)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
     shipped = RECIPES_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
     if shipped.is_file():
         return shipped
-    close = difflib.get_close_matches(name_or_path.removesuffix(".yaml"), list_recipes(), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name_or_path.removesuffix(".yaml"), list_recipes(kind), n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(f"--config: no file '{name_or_path}' and no shipped recipe of that name "
-                      f"({hint}shipped: {', '.join(list_recipes())})")
+                      f"({hint}shipped: {', '.join(list_recipes(kind))})")
 
 
 def _objective_config_class(section: Any) -> type:
@@ -85,13 +87,18 @@ def _field_names(cls: type) -> set[str]:
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> PretrainConfig:
     """Defaults < recipe YAML < `key=value` overrides; validated; run.name defaults to the recipe's stem."""
     recipe = find_recipe(name_or_path)
-    base, given = read_yaml(recipe), parse_overrides(overrides or [])
+    return config_from_tree(read_yaml(recipe), overrides, default_name=recipe.stem)
+
+
+def config_from_tree(base: dict[str, Any], overrides: list[str] | None, *, default_name: str) -> PretrainConfig:
+    """A recipe's tree (as read from YAML, possibly completed by the caller) < overrides, validated."""
+    given = parse_overrides(overrides or [])
     settle_pairs(base, given)
     tree = merge(base, given)
     tree.setdefault("objective", {})
     cfg = build(PretrainConfig, tree, choose=lambda name, section: _objective_config_class(section))
     if not cfg.run.name:
-        cfg.run.name = recipe.stem
+        cfg.run.name = default_name
     cfg.validate()
     return cfg
 

@@ -99,6 +99,11 @@ class PretrainConfig:
         for name in ("model", "objective", "data", "optim", "trainer", "distributed", "eval", "run", "tracking"):
             getattr(self, name).validate(name)
         self.objective.validate_with_model(self.model)
+        require(self.optim.name != "lars" or self.distributed.zero_stage == 0, "optim.name",
+                "lars needs whole tensors for its per-tensor trust ratio: set distributed.zero_stage=0 (a probe's "
+                "frozen encoder needs no optimizer state to partition)")
+        require(self.optim.name == "adamw" or not self.distributed.offload, "optim.name",
+                f"{self.optim.name} with distributed.offload: CPU offload steps DeepSpeed's CPU AdamW only")
         require(self.optim.global_batch_size % self.data.micro_batch_size == 0, "optim.global_batch_size",
                 f"{self.optim.global_batch_size} is not a multiple of data.micro_batch_size "
                 f"({self.data.micro_batch_size})")
@@ -126,5 +131,8 @@ class PretrainConfig:
         """Every dataset the run reads, key -> (directory, split): data.train, and the k-NN sets when
         eval.knn_every is set. Paths are run-time inputs: they are checked when a run starts (`check_inputs`),
         not here, so a recipe prints and validates without them."""
-        return {"data.train": (self.data.train, self.data.train_split),
-                **(self.knn_datasets() if self.eval.knn_every else {})}
+        found = {"data.train": (self.data.train, self.data.train_split),
+                 **(self.knn_datasets() if self.eval.knn_every else {})}
+        if getattr(self.objective, "evaluates", False):  # a protocol's top-1 reads the val split
+            found["data.val"] = (self.data.val, self.data.val_split)
+        return found

@@ -30,6 +30,7 @@ from largessl.data.index import SplitIndex
 from largessl.data.stream import RawSample, StreamPlan, derive_seed, read_range
 from largessl.errors import DataError
 from largessl.lifecycle import STOP_SIGNALS, die_with_parent
+from largessl.rng import seed_everything
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Transform = Callable[[Image.Image], dict[str, torch.Tensor]]
@@ -170,7 +171,8 @@ class TrainStream(IterableDataset):
                                     f"({len(self.plan.shards)} shards in {Path(self.plan.shards[0].path).parent})")
                 continue
             bad_in_a_row = 0
-            torch.manual_seed(derive_seed(self.plan.seed, state.epoch, sample["__key__"]))
+            # torch, NumPy and Python's RNGs: timm's RandAugment and random erasing (fine-tuning) draw from the last two
+            seed_everything(derive_seed(self.plan.seed, state.epoch, sample["__key__"]))
             item = self.transform(image)
             item["label"] = torch.tensor(label_of(sample))
             items.append(item)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,10 @@ class Engine:
     """A DeepSpeed engine around an objective, with a client AdamW over our parameter groups."""
 
     def __init__(self, module: torch.nn.Module, param_groups: list[dict], ds_config: dict[str, Any], *,
-                 betas: tuple[float, float], eps: float, device: torch.device) -> None:
+                 betas: tuple[float, float], eps: float, device: torch.device,
+                 make_optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None) -> None:
+        """`make_optimizer` builds the client optimizer from the groups (optim/build.py); default AdamW. With CPU
+        offload it is DeepSpeed's CPU AdamW whatever is asked (OptimConfig is validated to be adamw there)."""
         deepspeed = _deepspeed()
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         if self.zero_stage < 3:
@@ -117,6 +121,8 @@ class Engine:
 
             ops.ensure("cpu_adam")
             optimizer = DeepSpeedCPUAdam(param_groups, lr=0.0, betas=betas, eps=eps, adamw_mode=True)
+        elif make_optimizer is not None:
+            optimizer = make_optimizer(param_groups)
         else:
             optimizer = torch.optim.AdamW(param_groups, lr=0.0, betas=betas, eps=eps)
         self.optimizer = optimizer  # its param_groups are the ones DeepSpeed steps: we set lr/wd on them
@@ -303,3 +309,24 @@ def read_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name), states
+
+
+@torch.no_grad()
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy whole fp32 `weights` (parameter name -> tensor) into `module` before DeepSpeed takes it, so its fp32
+    masters start from them; at ZeRO-3 (parameters built partitioned by zero.Init) each is gathered, written by
+    every rank alike and partitioned again. Raises ConfigError when a name is not the module's or a shape differs."""
+    params = dict(module.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ConfigError(f"initial weights name parameters this model does not have: {', '.join(unknown[:3])}")
+    for name, value in weights.items():
+        param = params[name]
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        if tuple(value.shape) != shape:
+            raise ConfigError(f"initial weights: {name} has shape {tuple(value.shape)}, the model's is {shape}")
+        if hasattr(param, "ds_id"):
+            with _deepspeed().zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(value)
+        else:
+            param.data.copy_(value)

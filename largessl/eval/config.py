@@ -36,10 +36,14 @@ class EvalConfig:
     """Images per rank per feature-extraction batch; 0: data.micro_batch_size."""
     knn_pool: str = "cls"
     """Feature of an image: 'cls' (the [cls] output) or 'mean' (the mean patch output; CAE trains no [cls] loss)."""
+    every: int = 0
+    """Evaluation protocols (largessl eval linear|attentive|finetune): top-1 on data.val every this many optimizer
+    steps; it is always computed at the end. 0: only at the end."""
 
     def validate(self, prefix: str = "eval") -> None:
         require(self.knn_every >= 0, f"{prefix}.knn_every", "must be >= 0 (0 disables it)")
         require(self.knn_k > 0, f"{prefix}.knn_k", "must be > 0")
         require(self.knn_temperature > 0, f"{prefix}.knn_temperature", "must be > 0")
         require(self.knn_batch_size >= 0, f"{prefix}.knn_batch_size", "must be >= 0")
+        require(self.every >= 0, f"{prefix}.every", "must be >= 0 (0: only at the end)")
         require(self.knn_pool in POOLS, f"{prefix}.knn_pool", f"must be one of {', '.join(POOLS)}")

@@ -86,3 +86,11 @@ def _log_to_run(states: dict, cfg: object, metrics: dict[str, float], step: int,
     tracker.log_metrics(metrics, step)
     tracker.finish()
     return tracker.run_id
+
+
+def load_encoder_states(run_dir: Path, step: int | None = None) -> dict:
+    """The client state (step, MLflow run id, ...) of a run's newest complete checkpoint, or of the one at `step`."""
+    from largessl.checkpoint import model_states_file
+
+    tag_dir = checkpoint_of(run_dir, step, arg="objective.checkpoint")
+    return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)

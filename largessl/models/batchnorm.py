@@ -42,11 +42,11 @@ class TokenSyncBatchNorm(nn.Module):
     returned in the input's dtype. Pass as a timm Block's `norm_layer`."""
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, affine: bool = True) -> None:
         super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+        self.eps, self.momentum, self.dim = eps, momentum, dim
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype)) if affine else None
         self.running_mean = torch.zeros(dim)
         self.running_var = torch.ones(dim)
 
@@ -59,8 +59,10 @@ class TokenSyncBatchNorm(nn.Module):
             self._update_running(count, mean.detach(), var.detach())
         else:
             mean, var = (s.to(x.device, torch.float32) for s in (self.running_mean, self.running_var))
-        scale = self.weight.float() * torch.rsqrt(var + self.eps)
-        out = (xf - mean) * scale + self.bias.float()
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is None:  # affine=False: MAE's linear-probe BatchNorm
+            return ((xf - mean) * scale).to(x.dtype)
+        out = (xf - mean) * (self.weight.float() * scale) + self.bias.float()
         return out.to(x.dtype)
 
     @torch.no_grad()
@@ -73,4 +75,24 @@ class TokenSyncBatchNorm(nn.Module):
         self.running_var = running[1] * (1 - self.momentum) + unbiased * self.momentum
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, momentum={self.momentum}, synchronised over ranks"
+        affine = "" if self.weight is not None else ", affine=False"
+        return f"{self.dim}, eps={self.eps}, momentum={self.momentum}{affine}, synchronised over ranks"
+
+
+def batch_norms(module: nn.Module) -> dict[str, TokenSyncBatchNorm]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, TokenSyncBatchNorm)}
+
+
+def norm_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of every TokenSyncBatchNorm in `module`, for an objective's extra_state."""
+    state = {}
+    for name, bn in batch_norms(module).items():
+        state[f"{name}.running_mean"], state[f"{name}.running_var"] = bn.running_mean.cpu(), bn.running_var.cpu()
+    return state
+
+
+def load_norm_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Restore what norm_state saved."""
+    for name, bn in batch_norms(module).items():
+        bn.running_mean = state[f"{name}.running_mean"].float()
+        bn.running_var = state[f"{name}.running_var"].float()

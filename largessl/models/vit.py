@@ -196,13 +196,23 @@ class ViTEncoder(nn.Module):
         positions = self.positions(grid)
         return self.patch_embed(images) + positions[:, 1:].to(images.dtype), positions[:, :1]
 
-    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode all patches, or only patches `keep_idx` [B, K]; returns [B, 1 + K, D] after the final norm."""
+    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                last_blocks: int = 0) -> torch.Tensor:
+        """Encode all patches, or only patches `keep_idx` [B, K]; returns [B, 1 + K, D] after the final norm.
+        With `last_blocks` = n > 0: [n, B, 1 + K, D], the outputs of the last n blocks, each through the final norm
+        (DINO's get_intermediate_layers, for its linear evaluation)."""
         x, cls_position = self.embed_patches(images)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + cls_position.to(self.cls_token.dtype)).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
+        if last_blocks:
+            outputs = []
+            for index, block in enumerate(self.blocks):
+                x = block(x)
+                if index >= len(self.blocks) - last_blocks:
+                    outputs.append(self.norm(x))
+            return torch.stack(outputs)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
 

@@ -15,7 +15,10 @@ if TYPE_CHECKING:
     from largessl.objectives.base import Objective
 
 CLASSES = {"mae": "largessl.objectives.mae:MAE", "dino": "largessl.objectives.dino:DINO",
-           "cae": "largessl.objectives.cae:CAE", "sim": "largessl.objectives.sim:SIM"}
+           "cae": "largessl.objectives.cae:CAE", "sim": "largessl.objectives.sim:SIM",
+           # evaluation protocols run through the same trainer (largessl/eval)
+           "linear": "largessl.eval.linear:LinearProbe", "attentive": "largessl.eval.attentive:AttentiveProbe",
+           "finetune": "largessl.eval.finetune:FineTune"}
 assert CLASSES.keys() == OBJECTIVE_CONFIGS.keys()
 
 

@@ -4,6 +4,7 @@ An objective is one nn.Module holding everything that is learned (encoder, decod
 It is single-device PyTorch: the trainer wraps it in the DeepSpeed engine, the data pipeline feeds it.
 
 - `Config`: a dataclass with `name`, `validate(prefix)` and `validate_with_model(model_cfg)`.
+- `encoder_layout(cfg)`: the ViTEncoder arguments of the method's encoder (for evaluating it).
 - `sample_transform(cfg, model_cfg)`: what the data pipeline makes of one decoded image, run in the
   DataLoader workers under a per-sample seed: a dict of tensors (views, crop boxes, mask noise or mask
   indices). The default collate stacks them into the batch.
@@ -17,6 +18,12 @@ It is single-device PyTorch: the trainer wraps it in the DeepSpeed engine, the d
   saved in checkpoints.
 - `eval_encoder()`: the backbone the k-NN evaluation reads (DINO: the teacher).
 - `no_weight_decay()`: names of parameters exempt from weight decay beyond norms and biases.
+- `layer_ids()`: parameter name -> layer id for layer-wise lr decay (fine-tuning); empty: none.
+- `initial_weights()`: weights to load before training starts (an evaluation's pretrained encoder); the trainer
+  loads them (ZeRO-3 aware), and a resumed run's checkpoint then replaces them.
+- `metric` / `classify(images)`: an evaluation protocol's top-1 name and its logits; the trainer computes the
+  top-1 on the val split every eval.every steps and at the end.
+- `run_tags()`: extra MLflow tags of the run (an evaluation's pretraining run).
 """
 
 from __future__ import annotations
@@ -37,11 +44,18 @@ SampleTransform = Callable[[Image.Image], dict[str, torch.Tensor]]
 class Objective(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
+    metric: ClassVar[str] = ""
     encoder: ViTEncoder
 
     @classmethod
     def sample_transform(cls, cfg: Any, model_cfg: ModelConfig) -> SampleTransform:
         raise NotImplementedError
+
+    @classmethod
+    def encoder_layout(cls, cfg: Any) -> dict[str, Any]:
+        """ViTEncoder keyword arguments that make this method's encoder (position table, init, layer scale, final
+        norm); the evaluation protocols build a run's encoder from them."""
+        return {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -76,6 +90,18 @@ class Objective(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    def layer_ids(self) -> dict[str, int]:
+        return {}
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} is not a classifier")
+
+    def run_tags(self) -> dict[str, str]:
+        return {}
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the parameters are held in for compute (bf16 under DeepSpeed's bf16 mode)."""

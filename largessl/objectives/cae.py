@@ -26,6 +26,8 @@ models/modeling_cae_helper.py (encoder, LatentRegresser, Decoder), furnace/engin
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,8 +120,7 @@ class CAE(Objective):
     def __init__(self, cfg: CAEConfig, model_cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg, self.num_masked = cfg, cfg.masked_count(model_cfg)
-        self.encoder = ViTEncoder.from_config(model_cfg, pos_embed="sincos_rows_first", init="cae",
-                                              layer_scale=cfg.layer_scale)
+        self.encoder = ViTEncoder.from_config(model_cfg, **self.encoder_layout(cfg))
         dim, heads = cfg.widths(model_cfg)
         self.project = None if dim == self.encoder.dim else nn.Sequential(nn.Linear(self.encoder.dim, dim),
                                                                            LayerNorm(dim))
@@ -134,6 +135,10 @@ class CAE(Objective):
                                   layer_scale=cfg.decoder_layer_scale, grad_checkpointing=model_cfg.grad_checkpointing)
         if not cfg.fix_init_weight:
             self.apply(init_xavier_linear)
+
+    @classmethod
+    def encoder_layout(cls, cfg: CAEConfig) -> dict[str, Any]:
+        return {"pos_embed": "sincos_rows_first", "init": "cae", "layer_scale": cfg.layer_scale}
 
     @staticmethod
     def _tokenizer(cfg: CAEConfig) -> DalleTokenizer | None:

@@ -276,4 +276,14 @@ class SIMConfig:
         require(dim % 4 == 0, "objective.decoder_dim", f"{dim} is not a multiple of 4 (sin-cos positions)")
 
 
-OBJECTIVE_CONFIGS: dict[str, type] = {"mae": MAEConfig, "dino": DINOConfig, "cae": CAEConfig, "sim": SIMConfig}
+PRETRAINING_CONFIGS: dict[str, type] = {"mae": MAEConfig, "dino": DINOConfig, "cae": CAEConfig, "sim": SIMConfig}
+
+
+def _all_configs() -> dict[str, type]:
+    """The pretraining methods and the evaluation protocols (largessl/eval), which run as objectives too."""
+    from largessl.eval.protocol_config import PROTOCOL_CONFIGS
+
+    return {**PRETRAINING_CONFIGS, **PROTOCOL_CONFIGS}
+
+
+OBJECTIVE_CONFIGS: dict[str, type] = _all_configs()

@@ -22,6 +22,8 @@ Reference: https://github.com/facebookresearch/dino/blob/main/main_dino.py (DINO
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,9 +97,13 @@ class DINO(Objective):
         self.teacher_count = torch.zeros(())
         self.step, self.total_steps = 0, 1
 
+    @classmethod
+    def encoder_layout(cls, cfg: DINOConfig) -> dict[str, Any]:
+        return {"pos_embed": "learned", "init": "dino"}
+
     @staticmethod
     def _network(cfg: DINOConfig, model_cfg: ModelConfig, drop_path_rate: float) -> MultiCropNetwork:
-        backbone = ViTEncoder.from_config(model_cfg, drop_path_rate=drop_path_rate, pos_embed="learned", init="dino")
+        backbone = ViTEncoder.from_config(model_cfg, drop_path_rate=drop_path_rate, **DINO.encoder_layout(cfg))
         head = DINOHead(backbone.dim, cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
                         norm_last_layer=cfg.norm_last_layer)
         return MultiCropNetwork(backbone, head)

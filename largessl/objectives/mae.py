@@ -87,7 +87,7 @@ class MAE(Objective):
     def __init__(self, cfg: MAEConfig, model_cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = ViTEncoder.from_config(model_cfg)
+        self.encoder = ViTEncoder.from_config(model_cfg, **self.encoder_layout(cfg))
         self.decoder = MAEDecoder(encoder_dim=self.encoder.dim, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
                                   heads=cfg.decoder_heads, grid_size=self.encoder.grid_size,
                                   patch_size=self.encoder.patch_size, grad_checkpointing=model_cfg.grad_checkpointing)

@@ -30,6 +30,8 @@ compute_unigrad_loss, mm_update); https://github.com/fundamentalvision/UniGrad (
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
@@ -37,7 +39,7 @@ from torch import nn
 
 from largessl.data.siamese import SIMTransform
 from largessl.distributed import comm
-from largessl.models.batchnorm import TokenSyncBatchNorm
+from largessl.models.batchnorm import TokenSyncBatchNorm, load_norm_state, norm_state
 from largessl.models.config import ModelConfig
 from largessl.models.pos_embed import sincos_2d, sincos_relative
 from largessl.models.vit import ViTEncoder, build_blocks, init_mae_style, run_blocks
@@ -160,7 +162,7 @@ class SIM(Objective):
     def __init__(self, cfg: SIMConfig, model_cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg, self.num_masked = cfg, cfg.masked_count(model_cfg)
-        self.encoder = ViTEncoder.from_config(model_cfg, pos_embed="sincos_rows_first", init="mae", final_norm=False)
+        self.encoder = ViTEncoder.from_config(model_cfg, **self.encoder_layout(cfg))
         self.encoder.patch_embed.requires_grad_(False)  # frozen at its random init (SIM's train_patch_embed=False)
         dim, depth, heads = model_cfg.dims
         width = cfg.width(model_cfg)
@@ -173,6 +175,10 @@ class SIM(Objective):
         self.correlations = {form: TargetCorrelation(cfg.correlation, cfg.correlation_momentum)
                              for form in ("dense", "global")}
         self.step, self.total_steps = 0, 1
+
+    @classmethod
+    def encoder_layout(cls, cfg: SIMConfig) -> dict[str, Any]:
+        return {"pos_embed": "sincos_rows_first", "init": "mae", "final_norm": False}
 
     @classmethod
     def sample_transform(cls, cfg: SIMConfig, model_cfg: ModelConfig) -> SampleTransform:
@@ -198,22 +204,15 @@ class SIM(Objective):
         return cosine(self.step + 1, start=self.cfg.teacher_momentum, end=self.cfg.teacher_momentum_end,
                       total_steps=self.total_steps)
 
-    def batch_norms(self) -> dict[str, TokenSyncBatchNorm]:
-        return {name: m for name, m in self.named_modules() if isinstance(m, TokenSyncBatchNorm)}
-
     def extra_state(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, bn in self.batch_norms().items():
-            state[f"{name}.running_mean"], state[f"{name}.running_var"] = bn.running_mean.cpu(), bn.running_var.cpu()
+        state = norm_state(self)
         for form, correlation in self.correlations.items():
             if correlation.ema is not None:
                 state[f"correlation.{form}"] = correlation.ema.cpu()
         return state
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        for name, bn in self.batch_norms().items():
-            bn.running_mean = state[f"{name}.running_mean"].float()
-            bn.running_var = state[f"{name}.running_var"].float()
+        load_norm_state(self, state)
         for form, correlation in self.correlations.items():
             saved = state.get(f"correlation.{form}")
             correlation.ema = None if saved is None else saved.float()

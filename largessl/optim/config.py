@@ -7,11 +7,23 @@ from dataclasses import dataclass
 from largessl.config.loader import require
 from largessl.epochs import check_pair
 
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
 
 @dataclass
 class OptimConfig:
-    """AdamW, global batch size, learning-rate and weight-decay schedules, clipping."""
+    """Optimizer (AdamW; SGD and LARS for probes), global batch size, lr and weight-decay schedules, clipping."""
 
+    name: str = "adamw"
+    """'adamw'; 'sgd' (momentum, optionally nesterov: DINO's linear eval, CAE's attentive probe); 'lars' (timm's
+    LARS, MAE's linear probe: trust ratio 0.001 |w| / |g| on weight matrices, momentum SGD; needs ZeRO-0)."""
+    momentum: float = 0.9
+    """Momentum of 'sgd' and 'lars'."""
+    nesterov: bool = False
+    """Nesterov momentum for 'sgd' (CAE's attentive probe)."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay (BEiT rule, fine-tuning): blocks.i gets layer_decay^(depth - i), the stem
+    layer_decay^(depth + 1), the head 1. 1.0: none. Applies to objectives that number their layers (finetune)."""
     base_lr: float = 1.5e-4
     """Learning rate per 256 images: peak lr = base_lr x global_batch_size / 256 (linear scaling rule)."""
     min_lr: float = 0.0
@@ -36,6 +48,9 @@ class OptimConfig:
     """Also decay cls/mask tokens, as the official MAE code does (it only exempts 1-D params and biases)."""
 
     def validate(self, prefix: str = "optim") -> None:
+        require(self.name in OPTIMIZERS, f"{prefix}.name", f"must be one of {', '.join(OPTIMIZERS)}")
+        require(0 <= self.momentum < 1, f"{prefix}.momentum", "must be in [0, 1)")
+        require(0 < self.layer_decay <= 1, f"{prefix}.layer_decay", "must be in (0, 1] (1: no layer decay)")
         require(self.base_lr > 0, f"{prefix}.base_lr", "must be > 0")
         require(0 <= self.min_lr, f"{prefix}.min_lr", "must be >= 0")
         require(self.global_batch_size > 0, f"{prefix}.global_batch_size", "must be > 0")

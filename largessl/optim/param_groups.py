@@ -28,18 +28,26 @@ def is_decayed(name: str, param: torch.Tensor, exempt: set[str], wd_on_tokens: b
 
 def build_param_groups(module: Objective, cfg: OptimConfig) -> list[dict]:
     """Decayed and exempt parameters, each split again by the objective's frozen-at-start prefixes (a group
-    per prefix, so its lr, weight decay and optimizer state can be handled on their own)."""
+    per prefix, so its lr, weight decay and optimizer state can be handled on their own) and, with
+    optim.layer_decay < 1, by layer (methods.md 1.6: `lr_scale` = layer_decay^(top - layer id))."""
     exempt = module.no_weight_decay()
     frozen = {prefix: steps for prefix, steps in module.frozen_at_start().items() if steps > 0}
-    groups: dict[tuple[bool, str], dict] = {}
+    layers = module.layer_ids() if cfg.layer_decay < 1 else {}
+    top = max(layers.values(), default=0)
+    groups: dict[tuple[bool, str, int], dict] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
         decayed = is_decayed(name, param, exempt, cfg.wd_on_tokens)
         prefix = next((p for p in frozen if name.startswith(p)), "")
-        group = groups.setdefault((decayed, prefix), {
-            "name": ("decay" if decayed else "no_decay") + (f":{prefix}" if prefix else ""),
-            "params": [], "weight_decay": cfg.weight_decay if decayed else 0.0, "lr_scale": 1.0,
+        layer = layers.get(name, top)
+        group = groups.setdefault((decayed, prefix, layer), {
+            "name": ("decay" if decayed else "no_decay") + (f":{prefix}" if prefix else "")
+                    + (f":layer{layer}" if layers else ""),
+            "params": [], "weight_decay": cfg.weight_decay if decayed else 0.0,
+            "lr_scale": cfg.layer_decay ** (top - layer) if layers else 1.0,
             "scheduled_wd": decayed, "frozen_steps": frozen.get(prefix, 0)})
         group["params"].append(param)
-    return sorted(groups.values(), key=lambda g: (g["name"] != "decay", g["name"]))  # group 0: decay, as DINO
+    # group 0: decay, as DINO; then by layer
+    return sorted(groups.values(), key=lambda g: (g["name"].split(":")[0] != "decay", g["name"].split(":")[0],
+                                                  g["name"]))

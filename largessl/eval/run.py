@@ -1,0 +1,143 @@
+"""`largessl eval linear|attentive|finetune`: an evaluation protocol, run by the pretraining trainer.
+
+The command builds the protocol's config: the shipped recipe (configs/eval/) or --config, with the model section
+of the pretraining run (drop path 0 unless the recipe sets it), the run's checkpoint as the starting encoder, the
+classes of the train split, and a run directory RUN_DIR/eval/PROTOCOL_stepNNNNNNNN of its own (rerunning the
+command resumes it). It trains, then writes RUN_DIR/eval/PROTOCOL_stepNNNNNNNN.json, logs PROTOCOL_top1 onto the
+pretraining run's MLflow run (the evaluation has its own run too, tagged with the pretraining run's id) and prints
+`PROTOCOL_top1: 0.xxxx` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from largessl.checkpoint import checkpoint_of, step_of
+from largessl.config.load import config_from_tree, config_from_yaml_text, find_recipe, list_recipes, recipe_summary
+from largessl.config.loader import read_yaml, to_dict
+from largessl.config.schema import PretrainConfig
+from largessl.data.index import open_split
+from largessl.errors import UserError
+from largessl.eval.protocol_config import METRICS, PROTOCOL_CONFIGS
+
+ARCH = {"vit_base_patch16": "vitb16", "vit_large_patch16": "vitl16", "vit_huge_patch14": "vith14"}
+HELP = {"linear": "linear probe on frozen features (MAE/CAE/SIM: BN + Linear, LARS; DINO: last-4 [cls], SGD)",
+        "attentive": "CAE's attentive probe: one query token cross-attends the frozen tokens, BN, Linear",
+        "finetune": "fine-tune the whole encoder (layer decay, drop path, mixup/cutmix, RandAugment)"}
+
+
+def add_parsers(protocols: argparse._SubParsersAction, formatter: type) -> None:
+    recipes = "\n".join(f"  {name:<30}{recipe_summary(name)}" for name in list_recipes("eval"))
+    for protocol in PROTOCOL_CONFIGS:
+        parser = protocols.add_parser(
+            protocol, help=HELP[protocol], formatter_class=formatter,
+            description=f"{HELP[protocol]}.\nRuns through the pretraining trainer (DeepSpeed, resume, MLflow): rerun "
+                        f"the same command to resume.\nPrints {METRICS[protocol]} last and writes "
+                        f"RUN_DIR/eval/{protocol}_stepNNNNNNNN.json.",
+            epilog=f"shipped evaluation recipes (--config NAME; the default is chosen by method and model):\n{recipes}")
+        parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR",
+                            help="pretraining run directory (its newest complete checkpoint, or --step)")
+        parser.add_argument("--step", type=int, default=None, metavar="N", help="evaluate the checkpoint of this step")
+        parser.add_argument("--train", required=True, metavar="DATASET", help="labelled dataset directory to train on")
+        parser.add_argument("--val", required=True, metavar="DATASET", help="labelled dataset directory for top-1")
+        parser.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
+        parser.add_argument("--val-split", default="val", metavar="SPLIT", help="split of --val")
+        parser.add_argument("--config", default="", metavar="RECIPE",
+                            help="an evaluation recipe or YAML file (default: the method's and model's own)")
+        parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def default_recipe(protocol: str, run_cfg: PretrainConfig) -> str:
+    """The shipped recipe of a protocol for the run's method and model (configs/eval/)."""
+    method = run_cfg.objective.name
+    if protocol == "linear":
+        return "eval/linear_dino" if method == "dino" else "eval/linear"
+    if protocol == "attentive":
+        return "eval/attentive"
+    arch = ARCH.get(run_cfg.model.name, "")
+    shipped = list_recipes("eval")
+    for name in (f"eval/finetune_{method}_{arch}", f"eval/finetune_{arch}"):
+        if arch and name in shipped:
+            return name
+    raise UserError(f"finetune: no shipped fine-tuning recipe for a {method} {run_cfg.model.name} run; pass "
+                    f"--config (shipped: {', '.join(n for n in shipped if 'finetune' in n)})")
+
+
+def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConfig, int]:
+    """(the evaluation's config, the pretraining run's config, the evaluated step); errors before torch loads."""
+    tag_dir = checkpoint_of(args.checkpoint, args.step)
+    step = step_of(tag_dir.name)
+    run_cfg = config_from_yaml_text((args.checkpoint / "config.yaml").read_text())
+    if run_cfg.objective.name in PROTOCOL_CONFIGS:
+        raise UserError(f"--checkpoint: {args.checkpoint} is an evaluation run; give the pretraining run directory")
+    recipe = find_recipe(args.config or default_recipe(args.protocol, run_cfg), kind="eval")
+    base = read_yaml(recipe)
+    classes = open_split(args.train, args.train_split, "--train").classes
+    if len(classes) < 2:
+        raise UserError(f"--train: {args.train} lists {len(classes)} classes in its dataset.json; an evaluation needs "
+                        "labelled data (python -m data_tools imagefolder writes the class list)")
+    objective = base.setdefault("objective", {})
+    if objective.get("name", args.protocol) != args.protocol:
+        raise UserError(f"--config: {recipe} is a recipe for objective {objective['name']}, not {args.protocol}")
+    objective.update(name=args.protocol, checkpoint=str(args.checkpoint), checkpoint_step=step,
+                     num_classes=len(classes))
+    base["model"] = {**to_dict(run_cfg.model), "drop_path_rate": 0.0, **(base.get("model") or {})}
+    base.setdefault("data", {}).update(train=args.train, train_split=args.train_split, val=args.val,
+                                       val_split=args.val_split)
+    base.setdefault("run", {}).update(output_dir=str(args.checkpoint / "eval"), name=f"{args.protocol}_step{step:08d}")
+    run_tracking = {"uri": run_cfg.tracking.uri, "experiment": run_cfg.tracking.experiment,
+                    "enabled": run_cfg.tracking.enabled}
+    base["tracking"] = {**run_tracking, **(base.get("tracking") or {})}
+    return config_from_tree(base, args.overrides, default_name=args.protocol), run_cfg, step
+
+
+def run(args: argparse.Namespace) -> int:
+    from largessl.lifecycle import die_with_launcher
+    from largessl.preflight import check_pretrain
+
+    die_with_launcher()
+    cfg, run_cfg, step = build_config(args)
+    if args.print_config:
+        from largessl.config.load import dump_config
+
+        print(dump_config(cfg), end="")
+        return 0
+    check_pretrain(cfg)
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        where = Path(cfg.run.output_dir) / cfg.run.name
+        print(f"{args.protocol} evaluation of {args.checkpoint} (step {step}) in {where}: loading PyTorch, DeepSpeed "
+              "and timm", flush=True)
+    from largessl.launch.slurm import requeue_after
+    from largessl.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    code = trainer.train()
+    requeue_after(code, trainer.env.is_main)
+    if code or not main:
+        return code
+    return report(args, cfg, run_cfg, step, trainer)
+
+
+def report(args: argparse.Namespace, cfg: PretrainConfig, run_cfg: PretrainConfig, step: int, trainer: Any) -> int:
+    """The result file, the metric on the pretraining run, the last line."""
+    from largessl.eval.standalone import _log_to_run, load_encoder_states
+
+    metric, top1 = METRICS[args.protocol], float(trainer.top1)
+    result = {metric: top1, "metric": metric, "protocol": args.protocol, "step": step,
+              "checkpoint": str(checkpoint_of(args.checkpoint, step)), "eval_run_dir": str(trainer.run_dir),
+              "eval_steps": trainer.step, "train": args.train, "train_split": args.train_split, "val": args.val,
+              "val_split": args.val_split, "recipe": args.config or default_recipe(args.protocol, run_cfg),
+              "overrides": list(args.overrides), "mlflow_run_id": trainer.tracker.run_id}
+    out = args.checkpoint / "eval" / f"{args.protocol}_step{step:08d}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    states = load_encoder_states(args.checkpoint, step)
+    logged = _log_to_run(states, run_cfg, {metric: top1}, step, args.checkpoint)
+    print(f"wrote {out}" + (f"; logged {metric} to the pretraining run's MLflow run {logged}" if logged else ""))
+    print(f"{metric}: {top1:.4f}")
+    return 0
