@@ -93,12 +93,18 @@ class Protocol(Objective):
         return {f"encoder.{name}": value for name, value in encoder.state_dict().items() if f"encoder.{name}" in ours}
 
     def run_tags(self) -> dict[str, str]:
+        """protocol, pretrain_method, pretrain_run_dir, pretrain_step and pretrain_run_id (its MLflow run, as
+        RUN_DIR/mlflow_run.json or the checkpoint names it; absent when it has none)."""
         from largessl.eval.standalone import load_encoder_states
+        from largessl.tracking import recorded_run
 
-        states = load_encoder_states(Path(self.cfg.checkpoint), self.cfg.checkpoint_step)
-        return {"protocol": self.name, "pretrain_method": self.method,
-                "pretrain_run_dir": str(Path(self.cfg.checkpoint).resolve()),
-                "pretrain_step": str(states.get("step", 0)), "pretrain_run_id": states.get("mlflow_run_id", "")}
+        run_dir = Path(self.cfg.checkpoint)
+        states = load_encoder_states(run_dir, self.cfg.checkpoint_step)
+        run = pretraining_config(self.cfg.checkpoint)
+        run_id, _ = recorded_run(run.tracking, run_dir, states.get("mlflow_run_id") or "",
+                                 states.get("tracking_uri") or "")
+        return {"protocol": self.name, "pretrain_method": self.method, "pretrain_run_dir": str(run_dir.resolve()),
+                "pretrain_step": str(states.get("step", 0)), "pretrain_run_id": run_id}
 
     def encoder_tokens(self, images: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The encoder's output tokens; without a graph when it is frozen."""

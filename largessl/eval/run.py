@@ -90,7 +90,8 @@ def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConf
     base.setdefault("data", {}).update(train=args.train, train_split=args.train_split, val=args.val,
                                        val_split=args.val_split)
     base.setdefault("run", {}).update(output_dir=str(args.checkpoint / "eval"), name=f"{args.protocol}_step{step:08d}")
-    run_tracking = {"uri": run_cfg.tracking.uri, "experiment": run_cfg.tracking.experiment,
+    # its own experiment beside the pretraining one, so `largessl compare` lists pretraining runs only
+    run_tracking = {"uri": run_cfg.tracking.uri, "experiment": f"{run_cfg.tracking.experiment}-eval",
                     "enabled": run_cfg.tracking.enabled}
     base["tracking"] = {**run_tracking, **(base.get("tracking") or {})}
     return config_from_tree(base, args.overrides, default_name=args.protocol), run_cfg, step
