@@ -82,9 +82,10 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
                      help="image feature: the [cls] output, or the mean patch output (CAE trains no [cls] loss)")
     knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                      help="DataLoader worker processes (default: the cores, at most 8)")
-    from largessl.eval.run import add_parsers
+    from largessl.eval.run import add_fewshot_parser, add_parsers
 
     add_parsers(protocols, HelpFormatter)
+    add_fewshot_parser(protocols, HelpFormatter)
 
 
 def pretrain(args: argparse.Namespace) -> int:
@@ -172,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             return export.run(args)
         if args.protocol == "knn":
             return eval_knn(args)
-        from largessl.eval import run as protocol
+        from largessl.eval import run as protocol_run
 
-        return protocol.run(args)
+        if args.protocol == "fewshot":
+            return protocol_run.run_fewshot_command(args)
+        return protocol_run.run(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -211,6 +211,47 @@ def test_bad_eval_commands_end_in_one_line(mini_shards: Path, tmp_path: Path) ->
     assert "Traceback" not in result.stderr
 
 
+# ----------------------------------------------------------------------------- few-shot
+
+
+def test_fewshot_subset_is_deterministic_and_takes_the_share_of_every_class(mini_shards: Path) -> None:
+    from largessl.data.index import open_split
+    from largessl.data.loader import label_of
+    from largessl.data.stream import read_range
+    from largessl.eval.fewshot import fewshot_subset
+
+    index = open_split(str(mini_shards), "train")
+    labels = [label_of(s) for s in read_range(list(index.shards), 0, index.num_samples)]
+    counts = {c: labels.count(c) for c in set(labels)}
+    subset = fewshot_subset(index, 10.0)
+    assert subset == fewshot_subset(index, 10.0) == sorted(set(subset))
+    chosen = [labels[p] for p in subset]
+    assert {c: chosen.count(c) for c in counts} == {c: max(1, round(n / 10)) for c, n in counts.items()}
+    assert fewshot_subset(index, 10.0, seed=2) != subset  # the seed, not the order on disk, picks them
+    assert len(fewshot_subset(index, 0.1)) == len(counts)  # at least one per class
+
+
+def test_logistic_fit_is_the_minimum_of_the_penalised_objective() -> None:
+    from largessl.eval.fewshot import fit_logistic, objective_value, preprocess
+
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randn(60, 8, generator=generator, dtype=torch.float64) + 3.0
+    x = preprocess(raw)
+    torch.testing.assert_close(x.mean(dim=1), torch.zeros(60, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(x.norm(dim=1), torch.ones(60, dtype=torch.float64))
+    y = torch.randint(0, 3, (60,), generator=generator)
+    weights, _ = fit_logistic(x, y, 3, lambd=0.5)
+    penalty = 0.5 / 60
+    # independent: plain gradient descent with the closed-form gradient of the same objective, run long
+    w = torch.zeros(3, 8, dtype=torch.float64)
+    onehot = F.one_hot(y, 3).double()
+    for _ in range(20000):
+        grad = (torch.softmax(x @ w.T, dim=1) - onehot).T @ x / 60 + penalty * w
+        w -= 2.0 * grad
+    torch.testing.assert_close(weights, w, rtol=1e-5, atol=1e-6)
+    assert objective_value(weights, x, y, penalty) <= objective_value(weights * 1.01, x, y, penalty)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 PROBE = ["data.micro_batch_size=50", "optim.global_batch_size=50", "optim.warmup_steps=2", "data.num_workers=1",
@@ -257,6 +298,14 @@ def test_linear_probe_of_a_mae_run_end_to_end(mini_shards: Path, tmp_path: Path)
     parent = client.get_run(evaluation.data.tags["pretrain_run_id"])
     assert parent.data.tags["method"] == "mae" and parent.info.run_id != evaluation.info.run_id
     assert parent.data.metrics["linear_top1"] == pytest.approx(top1)  # ranks pretraining runs in `compare`
+
+    few = ok(run_largessl(["eval", "fewshot", "--checkpoint", str(run), "--train", str(mini_shards), "--val",
+                           str(mini_shards), "--percent", "20", "--num-workers", "1"], tmp_path))
+    line = few.stdout.strip().splitlines()[-1]
+    assert line.startswith("fewshot_top1: 0.") and "100 labelled images (20% per class), 200 queries" in few.stdout
+    assert json.loads((run / "eval" / "fewshot_step00000001.json").read_text())["fewshot_top1"] == \
+        pytest.approx(float(line.split()[-1]), abs=1e-4)
+    assert client.get_run(parent.info.run_id).data.metrics["fewshot_top1"] == pytest.approx(float(line.split()[-1]))
 
 
 @pytest.mark.slow  # about 4 min on 2 cores: three protocols x (straight, killed, resumed)

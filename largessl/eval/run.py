@@ -142,3 +142,49 @@ def report(args: argparse.Namespace, cfg: PretrainConfig, run_cfg: PretrainConfi
     print(f"wrote {out}" + (f"; logged {metric} to the pretraining run's MLflow run {logged}" if logged else ""))
     print(f"{metric}: {top1:.4f}")
     return 0
+
+
+def add_fewshot_parser(protocols: argparse._SubParsersAction, formatter: type) -> None:
+    """`largessl eval fewshot`: not a trainer objective (its reference caches features and fits once)."""
+    parser = protocols.add_parser(
+        "fewshot", help="SIM's 1%% few-shot protocol: logistic regression on frozen features of 1%% of the labels",
+        formatter_class=formatter,
+        description="Few-shot top-1 of a run's checkpoint (SIM's main_logistic.py): a deterministic per-class subset\n"
+                    "of the train split, frozen features (cached in RUN_DIR/eval), a multinomial logistic regression\n"
+                    "with an L2 penalty fitted to convergence. Prints fewshot_top1 last, writes\n"
+                    "RUN_DIR/eval/fewshot_stepNNNNNNNN.json and logs fewshot_top1 to the run's MLflow run.")
+    parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR", help="pretraining run directory")
+    parser.add_argument("--step", type=int, default=None, metavar="N", help="evaluate the checkpoint of this step")
+    parser.add_argument("--train", required=True, metavar="DATASET", help="labelled dataset: the subset's source")
+    parser.add_argument("--val", required=True, metavar="DATASET", help="labelled dataset: the queries")
+    parser.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
+    parser.add_argument("--val-split", default="val", metavar="SPLIT", help="split of --val")
+    parser.add_argument("--percent", type=float, default=1.0, metavar="P", help="labelled share per class, in %%")
+    parser.add_argument("--lambd", type=float, default=0.1, metavar="L",
+                        help="L2 penalty before division by the subset size (SIM: 0.1 for ViT-B, 0.01 for ViT-L)")
+    parser.add_argument("--pool", choices=("cls", "mean"), default="cls",
+                        help="feature: the [cls] output (SIM's), or the mean patch output")
+    parser.add_argument("--batch-size", type=int, default=128, metavar="N", help="images per feature batch")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                        help="DataLoader workers for the val split")
+
+
+def run_fewshot_command(args: argparse.Namespace) -> int:
+    """`largessl eval fewshot` (eval/fewshot.py): checks before torch loads, then the protocol, the last line."""
+    from largessl.eval.fewshot import run_fewshot
+
+
+    if not 0 < args.percent <= 100 or args.lambd < 0 or args.batch_size <= 0 or args.num_workers < 0:
+        raise UserError("--percent must be in (0, 100], --lambd >= 0, --batch-size > 0, --num-workers >= 0")
+    checkpoint_of(args.checkpoint, args.step)  # a wrong path or step is said before torch loads
+    train = open_split(args.train, args.train_split, "--train")
+    val = open_split(args.val, args.val_split, "--val")
+    result = run_fewshot(args.checkpoint, args.step, train, val, percent=args.percent, lambd=args.lambd,
+                         pool=args.pool, batch_size=args.batch_size, num_workers=args.num_workers)
+    print(f"checkpoint {result['checkpoint']} (step {result['step']}): {result['num_train']} labelled images "
+          f"({args.percent:g}% per class), {result['num_val']} queries, {args.pool} features, lambda {args.lambd}; "
+          f"L-BFGS {result['lbfgs_iterations']} iterations")
+    if result["mlflow_run_id"]:
+        print(f"logged fewshot_top1 to MLflow run {result['mlflow_run_id']}")
+    print(f"fewshot_top1: {result['fewshot_top1']:.4f}")
+    return 0
