@@ -68,12 +68,10 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
         description="Weighted k-NN top-1 of a run's newest complete checkpoint (DINO's protocol; for DINO, of the\n"
                     "teacher). Prints knn_top1 last (knn_top1_mean with --pool mean), writes\n"
                     "RUN_DIR/eval/knn[_mean]_stepNNNNNNNN.json and logs the same metric to the run's MLflow run.")
-    knn.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR",
-                     help="run directory (its newest complete checkpoint is used)")
-    knn.add_argument("--train", required=True, metavar="DATASET", help="labelled dataset directory: the neighbours")
-    knn.add_argument("--val", required=True, metavar="DATASET", help="labelled dataset directory: the queries")
-    knn.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
-    knn.add_argument("--val-split", default="val", metavar="SPLIT", help="split of --val")
+    from largessl.eval.run import add_fewshot_parser, add_inputs, add_parsers
+
+    add_inputs(knn, checkpoint="run directory (its newest complete checkpoint is used)",
+               train="labelled dataset directory: the neighbours", val="labelled dataset directory: the queries")
     knn.add_argument("--k", type=int, default=20, metavar="N", help="neighbours that vote")
     knn.add_argument("--temperature", type=float, default=0.07, metavar="T",
                      help="votes are weighted by exp(cosine similarity / temperature)")
@@ -82,8 +80,6 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
                      help="image feature: the [cls] output, or the mean patch output (CAE trains no [cls] loss)")
     knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
                      help="DataLoader worker processes (default: the cores, at most 8)")
-    from largessl.eval.run import add_fewshot_parser, add_parsers
-
     add_parsers(protocols, HelpFormatter)
     add_fewshot_parser(protocols, HelpFormatter)
 

@@ -68,7 +68,7 @@ class Protocol(Objective):
 
     def __init__(self, cfg: ProtocolConfig, model_cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg, self.model_cfg = cfg, model_cfg
+        self.cfg = cfg
         run = pretraining_config(cfg.checkpoint)
         self.method = run.objective.name
         layout = objective_class(self.method).encoder_layout(run.objective)

@@ -30,6 +30,15 @@ HELP = {"linear": "linear probe on frozen features (MAE/CAE/SIM: BN + Linear, LA
         "finetune": "fine-tune the whole encoder (layer decay, drop path, mixup/cutmix, RandAugment)"}
 
 
+def add_inputs(parser: argparse.ArgumentParser, *, checkpoint: str, train: str, val: str) -> None:
+    """The arguments every `largessl eval` command takes: the run directory and the two labelled splits."""
+    parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR", help=checkpoint)
+    parser.add_argument("--train", required=True, metavar="DATASET", help=train)
+    parser.add_argument("--val", required=True, metavar="DATASET", help=val)
+    parser.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
+    parser.add_argument("--val-split", default="val", metavar="SPLIT", help="split of --val")
+
+
 def add_parsers(protocols: argparse._SubParsersAction, formatter: type) -> None:
     recipes = "\n".join(f"  {name:<30}{recipe_summary(name)}" for name in list_recipes("eval"))
     for protocol in PROTOCOL_CONFIGS:
@@ -39,13 +48,9 @@ def add_parsers(protocols: argparse._SubParsersAction, formatter: type) -> None:
                         f"the same command to resume.\nPrints {METRICS[protocol]} last and writes "
                         f"RUN_DIR/eval/{protocol}_stepNNNNNNNN.json.",
             epilog=f"shipped evaluation recipes (--config NAME; the default is chosen by method and model):\n{recipes}")
-        parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR",
-                            help="pretraining run directory (its newest complete checkpoint, or --step)")
+        add_inputs(parser, checkpoint="pretraining run directory (its newest complete checkpoint, or --step)",
+                   train="labelled dataset directory to train on", val="labelled dataset directory for top-1")
         parser.add_argument("--step", type=int, default=None, metavar="N", help="evaluate the checkpoint of this step")
-        parser.add_argument("--train", required=True, metavar="DATASET", help="labelled dataset directory to train on")
-        parser.add_argument("--val", required=True, metavar="DATASET", help="labelled dataset directory for top-1")
-        parser.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
-        parser.add_argument("--val-split", default="val", metavar="SPLIT", help="split of --val")
         parser.add_argument("--config", default="", metavar="RECIPE",
                             help="an evaluation recipe or YAML file (default: the method's and model's own)")
         parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -153,12 +158,9 @@ def add_fewshot_parser(protocols: argparse._SubParsersAction, formatter: type) -
                     "of the train split, frozen features (cached in RUN_DIR/eval), a multinomial logistic regression\n"
                     "with an L2 penalty fitted to convergence. Prints fewshot_top1 last, writes\n"
                     "RUN_DIR/eval/fewshot_stepNNNNNNNN.json and logs fewshot_top1 to the run's MLflow run.")
-    parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR", help="pretraining run directory")
+    add_inputs(parser, checkpoint="pretraining run directory", train="labelled dataset: the subset's source",
+               val="labelled dataset: the queries")
     parser.add_argument("--step", type=int, default=None, metavar="N", help="evaluate the checkpoint of this step")
-    parser.add_argument("--train", required=True, metavar="DATASET", help="labelled dataset: the subset's source")
-    parser.add_argument("--val", required=True, metavar="DATASET", help="labelled dataset: the queries")
-    parser.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
-    parser.add_argument("--val-split", default="val", metavar="SPLIT", help="split of --val")
     parser.add_argument("--percent", type=float, default=1.0, metavar="P", help="labelled share per class, in %%")
     parser.add_argument("--lambd", type=float, default=0.1, metavar="L",
                         help="L2 penalty before division by the subset size (SIM: 0.1 for ViT-B, 0.01 for ViT-L)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -88,9 +88,15 @@ def _log_to_run(states: dict, cfg: object, metrics: dict[str, float], step: int,
     return tracker.run_id
 
 
+CLIENT_KEYS = ("step", "mlflow_run_id", "tracking_uri")
+
+
+@cache
 def load_encoder_states(run_dir: Path, step: int | None = None) -> dict:
-    """The client state (step, MLflow run id, ...) of a run's newest complete checkpoint, or of the one at `step`."""
+    """The step and MLflow run of a run's newest complete checkpoint, or of the one at `step`: read once per process
+    (the evaluation's run tags and its report both need them), without keeping the file's weights."""
     from largessl.checkpoint import model_states_file
 
     tag_dir = checkpoint_of(run_dir, step, arg="objective.checkpoint")
-    return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    states = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    return {key: states[key] for key in CLIENT_KEYS if key in states}
