@@ -197,7 +197,7 @@ def checkpoint_of(run_dir: Path, step: int | None = None, *, arg: str = "--check
         try:
             return resolve_tag_dir(run_dir)
         except FileNotFoundError:
-            raise UserError(f"{arg}: no checkpoint under {run_dir}") from None
+            raise UserError(f"{arg}: no complete checkpoint under {run_dir}") from None
     tags = complete_tags(run_dir / "checkpoints")
     if tag_for(step) not in tags:
         steps = ", ".join(str(step_of(tag)) for tag in reversed(tags)) or "none"

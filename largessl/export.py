@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     info = {"run": cfg.run.name, "run_dir": str(args.run_dir.resolve()), "checkpoint": str(tag_dir.resolve()),
             "step": step, "method": method, "encoder": role, "git_commit": git_commit()}
-    written, usage = write_export(out, args.format, state, name, kwargs, info, cfg.model.image_size)
+    written, usage = write_export(out, args.format, state, name, kwargs, info, cfg.model.image_size,
+                                  evaluation_metadata(args.run_dir, cfg, states))
     run_id = log_to_run(states, cfg, args.run_dir, written)
     if run_id:
         print(f"logged {', '.join(p.name for p in written)} to MLflow run {run_id} under export/")
@@ -128,11 +129,23 @@ def check_out(out: Path, fmt: str, what: str) -> None:
         raise UserError(f"{what}: cannot write in {out.parent} (permission denied)")
 
 
+def evaluation_metadata(run_dir: Path, cfg: Any, states: dict[str, Any]) -> dict[str, str]:
+    """What `largessl eval --checkpoint EXPORT` needs (eval/source.py): the run's resolved config, which rebuilds
+    the encoder's layout, and its MLflow run, which the results are logged onto."""
+    from largessl.eval.source import CONFIG_KEY
+    from largessl.tracking import recorded_run
+
+    run_id, uri = recorded_run(cfg.tracking, run_dir, states.get("mlflow_run_id") or "",
+                               states.get("tracking_uri") or "")
+    return {CONFIG_KEY: (run_dir / "config.yaml").read_text(), "mlflow_run_id": run_id, "tracking_uri": uri}
+
+
 def write_export(out: Path, fmt: str, state: dict[str, torch.Tensor], name: str, kwargs: dict[str, Any],
-                 info: dict[str, Any], image_size: int) -> tuple[list[Path], str]:
-    """Write the export (each file atomically); returns (what was written, the Python line that loads it)."""
+                 info: dict[str, Any], image_size: int, extra: dict[str, str]) -> tuple[list[Path], str]:
+    """Write the export (each file atomically); returns (what was written, the Python line that loads it). `extra`
+    goes into the safetensors metadata only."""
     meta = {"format": "pt", **{key: str(value) for key, value in info.items()}, "timm_model": name,
-            "timm_kwargs": json.dumps(kwargs)}
+            "timm_kwargs": json.dumps(kwargs), **extra}
     blob = safetensors_bytes(state, meta)
     if fmt == "timm":
         config = hub_config(name, kwargs, preprocessing(image_size), info)

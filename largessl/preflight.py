@@ -16,7 +16,7 @@ from largessl.config.schema import PretrainConfig
 from largessl.data.index import SplitIndex, open_split
 from largessl.distributed.env import read_env
 from largessl.epochs import resolve
-from largessl.errors import ConfigError, UserError
+from largessl.errors import ConfigError
 
 NEEDS = {"data.train": "is required: a shard dataset directory (docs/shard-format.md; python -m data_tools writes one)",
          "eval.knn_train": "needs a dataset for eval.knn_every: set data.train (or eval.knn_train)",
@@ -52,14 +52,9 @@ def check_dataset(key: str, root: str, split: str) -> SplitIndex:
 
 
 def check_eval_knn(checkpoint: Path, datasets: dict[str, tuple[str, str]]) -> None:
-    """`checkpoint` is a run directory (config.yaml) with a checkpoint, and the datasets are there."""
-    from largessl.checkpoint import resolve_tag_dir
+    """`checkpoint` is a run directory (config.yaml) with a checkpoint, or an export, and the datasets are there."""
+    from largessl.eval.source import open_pretrained
 
-    if not (checkpoint / "config.yaml").is_file():
-        raise UserError(f"--checkpoint: {checkpoint} is not a run directory (no config.yaml)")
-    try:
-        resolve_tag_dir(checkpoint)
-    except FileNotFoundError:
-        raise UserError(f"--checkpoint: no complete checkpoint under {checkpoint}") from None
+    open_pretrained(checkpoint)
     for key, (root, split) in datasets.items():
         check_dataset(key, root, split)

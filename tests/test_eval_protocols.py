@@ -208,7 +208,7 @@ def test_bad_eval_commands_end_in_one_line(mini_shards: Path, tmp_path: Path) ->
     assert result.returncode == 2 and "is not a run directory (no config.yaml)" in last
     run = run_dir_of(tmp_path, "debug/mae_vit_tiny")
     result = run_largessl([*base, "--checkpoint", str(run)], tmp_path)
-    assert result.returncode == 2 and "no checkpoint under" in result.stderr, result.stderr
+    assert result.returncode == 2 and "no complete checkpoint under" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -307,6 +307,15 @@ def test_linear_probe_of_a_mae_run_end_to_end(mini_shards: Path, tmp_path: Path)
     assert json.loads((run / "eval" / "fewshot_step00000001.json").read_text())["fewshot_top1"] == \
         pytest.approx(float(line.split()[-1]), abs=1e-4)
     assert client.get_run(parent.info.run_id).data.metrics["fewshot_top1"] == pytest.approx(float(line.split()[-1]))
+
+    # the same protocol from the run's export (--checkpoint FILE): the same encoder, so the same features and top-1
+    ok(run_largessl(["export", str(run), "--out", str(tmp_path / "shared" / "mae.safetensors")], tmp_path))
+    again = ok(run_largessl(["eval", "fewshot", "--checkpoint", str(tmp_path / "shared" / "mae.safetensors"),
+                             "--train", str(mini_shards), "--val", str(mini_shards), "--percent", "20",
+                             "--num-workers", "1"], tmp_path))
+    assert again.stdout.strip().splitlines()[-1] == line
+    assert (tmp_path / "shared" / "mae_eval" / "fewshot_step00000001.json").is_file()
+    assert f"logged fewshot_top1 to MLflow run {parent.info.run_id}" in again.stdout  # onto the pretraining run
 
 
 @pytest.mark.slow  # about 4 min on 2 cores: three protocols x (straight, killed, resumed)

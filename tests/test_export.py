@@ -186,6 +186,49 @@ def test_the_files_are_artifacts_of_the_runs_mlflow_run(exported: Callable, meth
     assert "export/step_00000001_timm/config.json" in inside
 
 
+@pytest.mark.parametrize("method,stage", COMBOS)
+def test_evaluation_reads_both_exports_back_into_the_runs_own_encoder(exported: Callable, method: str,
+                                                                      stage: int) -> None:
+    """`largessl eval --checkpoint EXPORT` (eval/source.py) rebuilds the encoder from the run config the export
+    carries and maps timm's names back: every tensor equal to the checkpoint's, strictly loaded."""
+    run = exported(method, stage)
+    for export, step in ((run.run_dir / "export" / "step_00000001_timm", 1),
+                         (run.run_dir / "export" / "step_00000002.safetensors", 2)):
+        theirs, cfg, states, source = load_encoder(export)
+        ours = load_encoder(run.run_dir, step)[0].state_dict()
+        assert theirs.state_dict().keys() == ours.keys(), export
+        assert all(torch.equal(value, ours[key]) for key, value in theirs.state_dict().items()), export
+        assert cfg.objective.name == method and states["step"] == step and source.suffix == ".safetensors"
+        recorded = json.loads((run.run_dir / "mlflow_run.json").read_text())["run_id"]
+        assert states["mlflow_run_id"] == recorded  # results of the export are logged onto the run
+    if method == "cae":  # step 2's unfolded q/v biases (no k part) and layer scales, moved far from their init
+        assert ours["blocks.0.gamma_1"].sub(0.1).abs().max() > 1e-3 and ours["blocks.0.attn.v_bias"].abs().max() > 0
+
+
+def test_an_export_that_evaluation_cannot_use_ends_in_one_line(exported: Callable, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from largessl.errors import UserError
+    from largessl.eval.source import export_metadata, open_pretrained
+
+    run = exported("mae", 0)
+    export = run.run_dir / "export" / "step_00000002.safetensors"
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "notes.txt").write_text("x")
+    cases = {(export, 5): "--step 5: ", (tmp_path / "plain.safetensors", None): "has no largessl run config",
+             (tmp_path / "junk.safetensors", None): "is not a readable safetensors file",
+             (tmp_path / "notes.txt", None): "is a file but not an export"}
+    for (path, step), said in cases.items():
+        with pytest.raises(UserError, match=said):
+            open_pretrained(path, step)
+    bad = load_file(export)
+    bad["pos_embed"] = bad["pos_embed"] + 1  # a table that is not the layout's: another method's file
+    save_file(bad, str(tmp_path / "other.safetensors"), metadata=export_metadata(export))
+    with pytest.raises(UserError, match="does not match its own run config .*pos_embed"):
+        load_encoder(tmp_path / "other.safetensors")
+
+
 @pytest.mark.parametrize("method,stage", [pytest.param("dino", 0, marks=pytest.mark.slow), ("dino", 3)])
 def test_dino_exports_the_teacher(exported: Callable, method: str, stage: int) -> None:
     run = exported(method, stage)

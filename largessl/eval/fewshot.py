@@ -107,11 +107,13 @@ def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: Spli
     from largessl.data.build import build_eval_loader
     from largessl.data.transforms import EvalTransform
     from largessl.eval.knn import extract_features
+    from largessl.eval.source import open_pretrained
     from largessl.eval.standalone import load_encoder
 
     encoder, cfg, states, tag_dir = load_encoder(checkpoint, step)
     step = int(states.get("step", 0))
-    out_dir = checkpoint / "eval"
+    pretrained = open_pretrained(checkpoint, step)
+    out_dir = pretrained.eval_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / f"fewshot_features_step{step:08d}_{pool}_{percent:g}pct.pt"
     if cache.is_file():
@@ -142,6 +144,6 @@ def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: Spli
     (out_dir / f"fewshot_step{step:08d}.json").write_text(json.dumps(result, indent=2) + "\n")
     from largessl.eval.standalone import _log_to_run
 
-    result["mlflow_run_id"] = _log_to_run(states, cfg, {"fewshot_top1": top1}, step, checkpoint)
+    result["mlflow_run_id"] = _log_to_run(states, cfg, {"fewshot_top1": top1}, step, pretrained.tracking_dir)
     return result
 

@@ -20,10 +20,10 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
-from largessl.config.load import config_from_yaml_text
 from largessl.config.schema import PretrainConfig
 from largessl.data.transforms import to_normalized_tensor
 from largessl.eval.protocol_config import METRICS, ProtocolConfig
+from largessl.eval.source import open_pretrained
 from largessl.models.config import ModelConfig
 from largessl.models.vit import ViTEncoder
 from largessl.objectives import objective_class
@@ -31,9 +31,9 @@ from largessl.objectives.base import Objective, SampleTransform
 
 
 @cache
-def pretraining_config(run_dir: str) -> PretrainConfig:
-    """The resolved config of the pretraining run at `run_dir` (its config.yaml)."""
-    return config_from_yaml_text((Path(run_dir) / "config.yaml").read_text())
+def pretraining_config(checkpoint: str) -> PretrainConfig:
+    """The resolved config of the pretraining run at `checkpoint` (a run directory or an export)."""
+    return open_pretrained(Path(checkpoint), arg="objective.checkpoint").config
 
 
 class ProbeTransform:
@@ -94,17 +94,16 @@ class Protocol(Objective):
 
     def run_tags(self) -> dict[str, str]:
         """protocol, pretrain_method, pretrain_run_dir, pretrain_step and pretrain_run_id (its MLflow run, as
-        RUN_DIR/mlflow_run.json or the checkpoint names it; absent when it has none)."""
-        from largessl.eval.standalone import load_encoder_states
+        RUN_DIR/mlflow_run.json, the checkpoint or the export names it; '' when none does)."""
         from largessl.tracking import recorded_run
 
-        run_dir = Path(self.cfg.checkpoint)
-        states = load_encoder_states(run_dir, self.cfg.checkpoint_step)
-        run = pretraining_config(self.cfg.checkpoint)
-        run_id, _ = recorded_run(run.tracking, run_dir, states.get("mlflow_run_id") or "",
-                                 states.get("tracking_uri") or "")
-        return {"protocol": self.name, "pretrain_method": self.method, "pretrain_run_dir": str(run_dir.resolve()),
-                "pretrain_step": str(states.get("step", 0)), "pretrain_run_id": run_id}
+        pretrained = open_pretrained(Path(self.cfg.checkpoint), self.cfg.checkpoint_step, "objective.checkpoint")
+        states = pretrained.states()
+        run_id, _ = recorded_run(pretrained.config.tracking, pretrained.tracking_dir,
+                                 states.get("mlflow_run_id") or "", states.get("tracking_uri") or "")
+        return {"protocol": self.name, "pretrain_method": self.method,
+                "pretrain_run_dir": str(pretrained.path.resolve()), "pretrain_step": str(pretrained.step),
+                "pretrain_run_id": run_id}
 
     def encoder_tokens(self, images: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The encoder's output tokens; without a graph when it is frozen."""

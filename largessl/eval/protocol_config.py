@@ -27,7 +27,8 @@ class ProtocolConfig:
     name: str = ""
     """Objective name (selects the protocol's config section)."""
     checkpoint: str = ""
-    """Pretraining run directory whose encoder is evaluated (`largessl eval ... --checkpoint` sets it)."""
+    """Pretraining run directory, or a file `largessl export` wrote, whose encoder is evaluated (`largessl eval
+    ... --checkpoint` sets it)."""
     checkpoint_step: int | None = None
     """Its checkpoint at this step; null: the newest complete one (`--step`)."""
     num_classes: int = 0

@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from largessl.checkpoint import checkpoint_of, step_of
-from largessl.config.load import config_from_tree, config_from_yaml_text, find_recipe, list_recipes, recipe_summary
+from largessl.config.load import config_from_tree, find_recipe, list_recipes, recipe_summary
 from largessl.config.loader import read_yaml, to_dict
 from largessl.config.schema import PretrainConfig
 from largessl.data.index import open_split
 from largessl.errors import UserError
 from largessl.eval.protocol_config import METRICS, PROTOCOL_CONFIGS
+from largessl.eval.source import open_pretrained
 
 ARCH = {"vit_base_patch16": "vitb16", "vit_large_patch16": "vitl16", "vit_huge_patch14": "vith14"}
 HELP = {"linear": "linear probe on frozen features (MAE/CAE/SIM: BN + Linear, LARS; DINO: last-4 [cls], SGD)",
@@ -32,7 +32,8 @@ HELP = {"linear": "linear probe on frozen features (MAE/CAE/SIM: BN + Linear, LA
 
 def add_inputs(parser: argparse.ArgumentParser, *, checkpoint: str, train: str, val: str) -> None:
     """The arguments every `largessl eval` command takes: the run directory and the two labelled splits."""
-    parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR", help=checkpoint)
+    parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN_DIR|EXPORT",
+                        help=f"{checkpoint}; or a file (or --format timm directory) that `largessl export` wrote")
     parser.add_argument("--train", required=True, metavar="DATASET", help=train)
     parser.add_argument("--val", required=True, metavar="DATASET", help=val)
     parser.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
@@ -75,9 +76,8 @@ def default_recipe(protocol: str, run_cfg: PretrainConfig) -> str:
 
 def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConfig, int]:
     """(the evaluation's config, the pretraining run's config, the evaluated step); errors before torch loads."""
-    tag_dir = checkpoint_of(args.checkpoint, args.step)
-    step = step_of(tag_dir.name)
-    run_cfg = config_from_yaml_text((args.checkpoint / "config.yaml").read_text())
+    pretrained = open_pretrained(args.checkpoint, args.step)
+    run_cfg, step = pretrained.config, pretrained.step
     if run_cfg.objective.name in PROTOCOL_CONFIGS:
         raise UserError(f"--checkpoint: {args.checkpoint} is an evaluation run; give the pretraining run directory")
     recipe = find_recipe(args.config or default_recipe(args.protocol, run_cfg), kind="eval")
@@ -94,7 +94,7 @@ def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConf
     base["model"] = {**to_dict(run_cfg.model), "drop_path_rate": 0.0, **(base.get("model") or {})}
     base.setdefault("data", {}).update(train=args.train, train_split=args.train_split, val=args.val,
                                        val_split=args.val_split)
-    base.setdefault("run", {}).update(output_dir=str(args.checkpoint / "eval"), name=f"{args.protocol}_step{step:08d}")
+    base.setdefault("run", {}).update(output_dir=str(pretrained.eval_dir), name=f"{args.protocol}_step{step:08d}")
     # its own experiment beside the pretraining one, so `largessl compare` lists pretraining runs only
     run_tracking = {"uri": run_cfg.tracking.uri, "experiment": f"{run_cfg.tracking.experiment}-eval",
                     "enabled": run_cfg.tracking.enabled}
@@ -132,18 +132,18 @@ def run(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace, cfg: PretrainConfig, run_cfg: PretrainConfig, step: int, trainer: Any) -> int:
     """The result file, the metric on the pretraining run, the last line."""
-    from largessl.eval.standalone import _log_to_run, load_encoder_states
+    from largessl.eval.standalone import _log_to_run
 
+    pretrained = open_pretrained(args.checkpoint, step)
     metric, top1 = METRICS[args.protocol], float(trainer.top1)
     result = {metric: top1, "metric": metric, "protocol": args.protocol, "step": step,
-              "checkpoint": str(checkpoint_of(args.checkpoint, step)), "eval_run_dir": str(trainer.run_dir),
+              "checkpoint": str(pretrained.checkpoint), "eval_run_dir": str(trainer.run_dir),
               "eval_steps": trainer.step, "train": args.train, "train_split": args.train_split, "val": args.val,
               "val_split": args.val_split, "recipe": args.config or default_recipe(args.protocol, run_cfg),
               "overrides": list(args.overrides), "mlflow_run_id": trainer.tracker.run_id}
-    out = args.checkpoint / "eval" / f"{args.protocol}_step{step:08d}.json"
+    out = pretrained.eval_dir / f"{args.protocol}_step{step:08d}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    states = load_encoder_states(args.checkpoint, step)
-    logged = _log_to_run(states, run_cfg, {metric: top1}, step, args.checkpoint)
+    logged = _log_to_run(pretrained.states(), run_cfg, {metric: top1}, step, pretrained.tracking_dir)
     print(f"wrote {out}" + (f"; logged {metric} to the pretraining run's MLflow run {logged}" if logged else ""))
     print(f"{metric}: {top1:.4f}")
     return 0
@@ -178,7 +178,7 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
 
     if not 0 < args.percent <= 100 or args.lambd < 0 or args.batch_size <= 0 or args.num_workers < 0:
         raise UserError("--percent must be in (0, 100], --lambd >= 0, --batch-size > 0, --num-workers >= 0")
-    checkpoint_of(args.checkpoint, args.step)  # a wrong path or step is said before torch loads
+    open_pretrained(args.checkpoint, args.step)  # a wrong path or step is said before torch loads
     train = open_split(args.train, args.train_split, "--train")
     val = open_split(args.val, args.val_split, "--val")
     result = run_fewshot(args.checkpoint, args.step, train, val, percent=args.percent, lambd=args.lambd,

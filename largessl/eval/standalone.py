@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from largessl.checkpoint import checkpoint_of
-from largessl.config.load import config_from_yaml_text
 from largessl.data.build import build_eval_loader
 from largessl.data.index import open_split
 from largessl.data.transforms import EvalTransform
@@ -17,15 +16,20 @@ from largessl.distributed.ema import read_teacher_fp32
 from largessl.errors import UserError
 from largessl.eval.config import knn_metric
 from largessl.eval.knn import extract_features, knn_top1
+from largessl.eval.source import load_encoder as load_exported
+from largessl.eval.source import open_pretrained
 from largessl.objectives import objective_class
 
 
 def load_encoder(run_dir: Path, step: int | None = None, *,
                  arg: str = "--checkpoint") -> tuple[torch.nn.Module, object, dict, Path]:
     """(eval encoder with the checkpoint's fp32 weights, run config, client state, tag directory) of a run's newest
-    complete checkpoint, or of its checkpoint at `step`; from any ZeRO stage, without a process group."""
-    tag_dir = checkpoint_of(run_dir, step, arg=arg)
-    cfg = config_from_yaml_text((run_dir / "config.yaml").read_text())
+    complete checkpoint, or of its checkpoint at `step`; from any ZeRO stage, without a process group. `run_dir`
+    may be an export instead (eval/source.py): then the file stands for the tag directory."""
+    pretrained = open_pretrained(run_dir, step, arg)
+    if pretrained.exported:
+        return load_exported(pretrained), pretrained.config, pretrained.states(), pretrained.checkpoint
+    tag_dir, cfg = pretrained.checkpoint, pretrained.config
     from largessl.distributed.engine import read_checkpoint
 
     weights, states = read_checkpoint(tag_dir)
@@ -70,10 +74,11 @@ def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_spl
     result = {"knn_top1": top1, "metric": metric, "pool": pool, "step": step, "checkpoint": str(tag_dir),
               "train": train, "val": val, "num_train": len(features[0][1]), "num_val": len(features[1][1]), "k": k,
               "temperature": temperature}
-    out = checkpoint / "eval" / f"{metric.replace('_top1', '')}_step{step:08d}.json"
+    pretrained = open_pretrained(checkpoint)
+    out = pretrained.eval_dir / f"{metric.replace('_top1', '')}_step{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    result["mlflow_run_id"] = _log_to_run(states, cfg, {metric: top1}, step, checkpoint)
+    result["mlflow_run_id"] = _log_to_run(states, cfg, {metric: top1}, step, pretrained.tracking_dir)
     return result
 
 

@@ -70,6 +70,33 @@ def fold_beit_block(state: dict[str, torch.Tensor], prefix: str) -> None:
     state[prefix + "attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
 
 
+def from_timm_state_dict(state: dict[str, torch.Tensor], encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """timm_state_dict undone for `encoder` (the same layout): layer scales and q/v biases unfolded where its blocks
+    are BEiT's, and `pos_embed` kept only where it is learned. A fixed table that is not the encoder's own, or a
+    non-zero k bias, raises ValueError: the file was not written for this layout."""
+    state = dict(state)
+    table = state.pop("pos_embed", None)
+    if isinstance(encoder.pos_embed, nn.Parameter):
+        state["pos_embed"] = table
+    elif table is None or table.shape != encoder.pos_embed.shape or not torch.allclose(table, encoder.pos_embed):
+        raise ValueError("its pos_embed is not the encoder's fixed sin-cos table")
+    ours = encoder.state_dict()
+    for index in range(len(encoder.blocks)):
+        if f"blocks.{index}.gamma_1" in ours:
+            unfold_beit_block(state, f"blocks.{index}.")
+    return state
+
+
+def unfold_beit_block(state: dict[str, torch.Tensor], prefix: str) -> None:
+    """fold_beit_block undone: ls1/ls2.gamma -> gamma_1/gamma_2, the fused qkv bias -> q_bias and v_bias."""
+    state[prefix + "gamma_1"] = state.pop(prefix + "ls1.gamma")
+    state[prefix + "gamma_2"] = state.pop(prefix + "ls2.gamma")
+    q_bias, k_bias, v_bias = state.pop(prefix + "attn.qkv.bias").chunk(3)
+    if k_bias.any():
+        raise ValueError(f"{prefix}attn.qkv.bias has a non-zero k part; BEiT's blocks have none")
+    state[prefix + "attn.q_bias"], state[prefix + "attn.v_bias"] = q_bias, v_bias
+
+
 def build_timm(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
     """The timm model holding `state`: built on the meta device (no init, no memory), then given the tensors. A key
     missing or left over, or a shape that differs, raises: it is a bug of the converter, and nothing is written."""
