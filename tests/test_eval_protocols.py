@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_metrics, run_largessl
+from conftest import MINI_IMAGES, read_metrics, run_largessl
 from test_failures import assert_none_left, start, wait_for_line
 from test_train import ok
 
@@ -232,6 +232,30 @@ def test_fewshot_subset_is_deterministic_and_takes_the_share_of_every_class(mini
     assert len(fewshot_subset(index, 0.1)) == len(counts)  # at least one per class
 
 
+def test_fewshot_subset_file_selects_the_images_it_names_and_every_one_of_them(mini_shards: Path,
+                                                                                tmp_path: Path) -> None:
+    import json as json_module
+
+    from largessl.data.index import open_split
+    from largessl.data.stream import read_range
+    from largessl.errors import DataError
+    from largessl.eval.fewshot import fewshot_subset, read_subset_file
+
+    index = open_split(str(mini_shards), "train")
+    sources = [json_module.loads(s["json"])["source"] for s in read_range(list(index.shards), 0, index.num_samples)]
+    picked = [7, 123, 250, 499]
+    listing = tmp_path / "1percent.txt"  # SIM's format: one file name per line (a path's directories are dropped)
+    listing.write_text("\n".join([Path(sources[7]).name, sources[123], "", Path(sources[250]).name,
+                                   Path(sources[499]).name]) + "\n")
+    assert fewshot_subset(index, 1.0, names=read_subset_file(listing)) == picked
+    listing.write_text(f"{Path(sources[7]).name}\nn00000000_1.JPEG\n")
+    with pytest.raises(DataError, match="--subset: 1 of its 2 images are not in .* n00000000_1.JPEG"):
+        fewshot_subset(index, 1.0, names=read_subset_file(listing))
+    listing.write_text("\n\n")
+    with pytest.raises(DataError, match="lists no images"):
+        read_subset_file(listing)
+
+
 def test_logistic_fit_is_the_minimum_of_the_penalised_objective() -> None:
     from largessl.eval.fewshot import fit_logistic, objective_value, preprocess
 
@@ -314,6 +338,12 @@ def test_linear_probe_of_a_mae_run_end_to_end(mini_shards: Path, tmp_path: Path)
                              "--train", str(mini_shards), "--val", str(mini_shards), "--percent", "20",
                              "--num-workers", "1"], tmp_path))
     assert again.stdout.strip().splitlines()[-1] == line
+    listing = tmp_path / "subset.txt"  # the subset named by a file (SIM's 1percent.txt) instead of a share
+    listing.write_text("".join(f"{path.name}\n" for path in sorted((MINI_IMAGES / "train").rglob("*.JPEG"))[::10]))
+    listed = ok(run_largessl(["eval", "fewshot", "--checkpoint", str(run), "--train", str(mini_shards), "--val",
+                              str(mini_shards), "--subset", str(listing), "--num-workers", "1"], tmp_path))
+    assert f"50 labelled images (the 50 of {listing})" in listed.stdout
+    assert json.loads((run / "eval" / "fewshot_step00000001.json").read_text())["subset"].startswith("subset-")
     assert (tmp_path / "shared" / "mae_eval" / "fewshot_step00000001.json").is_file()
     assert f"logged fewshot_top1 to MLflow run {parent.info.run_id}" in again.stdout  # onto the pretraining run
 

@@ -1,7 +1,9 @@
 """`largessl eval fewshot`: SIM's low-shot protocol (methods.md 5.5; SIM main_logistic.py, after MSN's).
 
 1. A deterministic subset of the train split: from each class, round(percent / 100 x its count) samples (at least
-   one), the ones whose keys rank first under a seeded hash; the same subset on every machine and every run.
+   one), the ones whose keys rank first under a seeded hash; the same subset on every machine and every run. Or
+   the images a file names (--subset: SIM's imagenet_subset1/1percent.txt, matched to the shards' source file
+   names; an image it names that the split lacks is an error, not a smaller subset).
 2. Frozen features of the subset and of the whole val split, through the eval transform (Resize 256/224, centre
    crop): the eval encoder's [cls] (SIM's encoder has no final norm, so its raw last-block [cls], as SIM's script) or
    the mean patch output (`--pool mean`). Cached in RUN_DIR/eval/fewshot_features_*.pt, so a killed job refits only.
@@ -19,6 +21,7 @@ one GPU), as `eval knn`. Its result goes onto the pretraining run's MLflow run a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -34,18 +37,53 @@ from largessl.errors import DataError
 SUBSET_SEED = 1  # a fixed seed: the subset is part of the protocol's definition
 
 
-def fewshot_subset(index: SplitIndex, percent: float, seed: int = SUBSET_SEED) -> list[int]:
-    """Positions (in index order) of the subset: per class round(percent% of its samples), at least one."""
+def fewshot_subset(index: SplitIndex, percent: float, seed: int = SUBSET_SEED,
+                   names: frozenset[str] | None = None) -> list[int]:
+    """Positions (in index order) of the subset: per class round(percent% of its samples), at least one; or, with
+    `names`, the samples whose source file is named there (SIM's imagenet_subset1/1percent.txt), every one found."""
     by_class: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    found: dict[str, int] = {}
     for position, sample in enumerate(read_range(list(index.shards), 0, index.num_samples)):
         by_class[label_of(sample)].append((derive_seed(seed, sample["__key__"]), position))
+        if names is not None and (name := source_name(sample)) in names:
+            found[name] = position
     if -1 in by_class:
         raise DataError(f"--train: few-shot needs labelled samples (.cls in the shards); {index.root} has some without")
+    if names is not None:
+        missing = sorted(names - found.keys())
+        if missing:
+            raise DataError(f"--subset: {len(missing)} of its {len(names)} images are not in {index.root} "
+                            f"(first: {', '.join(missing[:3])})")
+        return sorted(found.values())
     chosen = []
     for members in by_class.values():
         count = max(1, round(len(members) * percent / 100))
         chosen += [position for _, position in sorted(members)[:count]]
     return sorted(chosen)
+
+
+def source_name(sample: dict) -> str:
+    """The file name the sample was converted from (KEY.json's `source`, docs/shard-format.md), else its key."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return Path(meta.get("source") or sample["__key__"]).name
+
+
+def read_subset_file(path: Path) -> frozenset[str]:
+    """Image file names, one per line (blank lines skipped); a path's directories are dropped."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--subset: cannot read {path} ({exc})") from None
+    names = frozenset(Path(line.strip()).name for line in lines if line.strip())
+    if not names:
+        raise DataError(f"--subset: {path} lists no images")
+    return names
+
+
+def subset_tag(path: Path, names: frozenset[str]) -> str:
+    """The subset file's name in the feature cache: its stem and a digest of the names it lists."""
+    digest = hashlib.sha1("\n".join(sorted(names)).encode()).hexdigest()[:10]
+    return f"{path.stem}-{digest}"
 
 
 def preprocess(features: torch.Tensor) -> torch.Tensor:
@@ -100,13 +138,10 @@ def subset_loader(index: SplitIndex, positions: list[int], transform: object, ba
 
 
 def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: SplitIndex, *, percent: float,
-                lambd: float, pool: str, batch_size: int, num_workers: int) -> dict:
-    """Features (cached), the fit and the result dict; writes RUN_DIR/eval/fewshot_stepNNNNNNNN.json."""
-    from functools import partial
-
-    from largessl.data.build import build_eval_loader
-    from largessl.data.transforms import EvalTransform
-    from largessl.eval.knn import extract_features
+                lambd: float, pool: str, batch_size: int, num_workers: int,
+                names: frozenset[str] | None = None, subset_tag: str = "") -> dict:
+    """Features (cached), the fit and the result dict; writes RUN_DIR/eval/fewshot_stepNNNNNNNN.json. `names`: the
+    subset as a list of files (--subset, named `subset_tag` in the cache) instead of `percent` per class."""
     from largessl.eval.source import open_pretrained
     from largessl.eval.standalone import load_encoder
 
@@ -115,22 +150,13 @@ def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: Spli
     pretrained = open_pretrained(checkpoint, step)
     out_dir = pretrained.eval_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = out_dir / f"fewshot_features_step{step:08d}_{pool}_{percent:g}pct.pt"
+    cache = out_dir / f"fewshot_features_step{step:08d}_{pool}_{subset_tag or f'{percent:g}pct'}.pt"
     if cache.is_file():
         feats = torch.load(cache, weights_only=True)
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        encoder.to(device).eval()
-        forward = partial(encoder.forward_pooled, pool=pool)
-        transform = EvalTransform(cfg.model.image_size)
-        positions = fewshot_subset(train, percent)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            subset = extract_features(forward, subset_loader(train, positions, transform, batch_size), device=device,
-                                      dtype=torch.float32)
-            queries = extract_features(forward, build_eval_loader(
-                val, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers,
-                image_size=cfg.model.image_size), device=device, dtype=torch.float32)
-        feats = {"train": subset[0], "train_labels": subset[1], "val": queries[0], "val_labels": queries[1]}
+        positions = fewshot_subset(train, percent, names=names)
+        feats = frozen_features(encoder, cfg.model.image_size, train, positions, val, pool=pool,
+                                batch_size=batch_size, num_workers=num_workers)
         torch.save(feats, cache.with_suffix(".tmp"))
         cache.with_suffix(".tmp").replace(cache)
     num_classes = int(max(feats["train_labels"].max(), feats["val_labels"].max())) + 1
@@ -138,7 +164,8 @@ def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: Spli
     predicted = (preprocess(feats["val"]) @ weights.T).argmax(dim=1)
     top1 = float((predicted == feats["val_labels"]).double().mean())
     result = {"fewshot_top1": top1, "metric": "fewshot_top1", "protocol": "fewshot", "step": step,
-              "checkpoint": str(tag_dir), "percent": percent, "lambd": lambd, "pool": pool,
+              "checkpoint": str(tag_dir), "percent": None if names else percent, "subset": subset_tag or None,
+              "lambd": lambd, "pool": pool,
               "num_train": len(feats["train_labels"]), "num_val": len(feats["val_labels"]),
               "lbfgs_iterations": iterations, "train": train.root, "val": val.root}
     (out_dir / f"fewshot_step{step:08d}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -147,3 +174,25 @@ def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: Spli
     result["mlflow_run_id"] = _log_to_run(states, cfg, {"fewshot_top1": top1}, step, pretrained.tracking_dir)
     return result
 
+
+
+def frozen_features(encoder: torch.nn.Module, image_size: int, train: SplitIndex, positions: list[int],
+                    val: SplitIndex, *, pool: str, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
+    """The pooled eval-view features and labels of the subset's samples and of the whole val split."""
+    from functools import partial
+
+    from largessl.data.build import build_eval_loader
+    from largessl.data.transforms import EvalTransform
+    from largessl.eval.knn import extract_features
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.to(device).eval()
+    forward = partial(encoder.forward_pooled, pool=pool)
+    transform = EvalTransform(image_size)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        subset = extract_features(forward, subset_loader(train, positions, transform, batch_size), device=device,
+                                  dtype=torch.float32)
+        queries = extract_features(forward, build_eval_loader(
+            val, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers,
+            image_size=image_size), device=device, dtype=torch.float32)
+    return {"train": subset[0], "train_labels": subset[1], "val": queries[0], "val_labels": queries[1]}

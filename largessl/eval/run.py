@@ -161,7 +161,11 @@ def add_fewshot_parser(protocols: argparse._SubParsersAction, formatter: type) -
     add_inputs(parser, checkpoint="pretraining run directory", train="labelled dataset: the subset's source",
                val="labelled dataset: the queries")
     parser.add_argument("--step", type=int, default=None, metavar="N", help="evaluate the checkpoint of this step")
-    parser.add_argument("--percent", type=float, default=1.0, metavar="P", help="labelled share per class, in %%")
+    parser.add_argument("--percent", type=float, default=None, metavar="P",
+                        help="labelled share per class, in %% (default 1)")
+    parser.add_argument("--subset", type=Path, default=None, metavar="FILE",
+                        help="instead of --percent: the labelled images, one file name per line, matched to the "
+                             "shards' source names (SIM's imagenet_subset1/1percent.txt)")
     parser.add_argument("--lambd", type=float, default=0.1, metavar="L",
                         help="L2 penalty before division by the subset size (SIM: 0.1 for ViT-B, 0.01 for ViT-L)")
     parser.add_argument("--pool", choices=("cls", "mean"), default="cls",
@@ -173,18 +177,24 @@ def add_fewshot_parser(protocols: argparse._SubParsersAction, formatter: type) -
 
 def run_fewshot_command(args: argparse.Namespace) -> int:
     """`largessl eval fewshot` (eval/fewshot.py): checks before torch loads, then the protocol, the last line."""
-    from largessl.eval.fewshot import run_fewshot
+    from largessl.eval.fewshot import read_subset_file, run_fewshot, subset_tag
 
 
-    if not 0 < args.percent <= 100 or args.lambd < 0 or args.batch_size <= 0 or args.num_workers < 0:
+    if args.subset is not None and args.percent is not None:
+        raise UserError("--subset and --percent: give one (the subset file lists the labelled images itself)")
+    percent = 1.0 if args.percent is None else args.percent
+    if not 0 < percent <= 100 or args.lambd < 0 or args.batch_size <= 0 or args.num_workers < 0:
         raise UserError("--percent must be in (0, 100], --lambd >= 0, --batch-size > 0, --num-workers >= 0")
     open_pretrained(args.checkpoint, args.step)  # a wrong path or step is said before torch loads
     train = open_split(args.train, args.train_split, "--train")
     val = open_split(args.val, args.val_split, "--val")
-    result = run_fewshot(args.checkpoint, args.step, train, val, percent=args.percent, lambd=args.lambd,
-                         pool=args.pool, batch_size=args.batch_size, num_workers=args.num_workers)
+    names = read_subset_file(args.subset) if args.subset else None
+    tag = subset_tag(args.subset, names) if names else ""
+    result = run_fewshot(args.checkpoint, args.step, train, val, percent=percent, lambd=args.lambd, pool=args.pool,
+                         batch_size=args.batch_size, num_workers=args.num_workers, names=names, subset_tag=tag)
+    share = f"the {len(names)} of {args.subset}" if names else f"{percent:g}% per class"
     print(f"checkpoint {result['checkpoint']} (step {result['step']}): {result['num_train']} labelled images "
-          f"({args.percent:g}% per class), {result['num_val']} queries, {args.pool} features, lambda {args.lambd}; "
+          f"({share}), {result['num_val']} queries, {args.pool} features, lambda {args.lambd}; "
           f"L-BFGS {result['lbfgs_iterations']} iterations")
     if result["mlflow_run_id"]:
         print(f"logged fewshot_top1 to MLflow run {result['mlflow_run_id']}")
