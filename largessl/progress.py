@@ -57,7 +57,12 @@ class Interval:
 def progress_line(step: int, max_steps: int, metrics: dict[str, float], loss_terms: list[str]) -> str:
     eta = datetime.timedelta(seconds=round(metrics["step_time"] * (max_steps - step)))
     terms = " ".join(f"{k} {metrics[k]:.4f}" for k in loss_terms)
-    return (f"step {step}/{max_steps} | {terms} | lr {metrics['lr']:.3e} | {metrics['images_per_sec']:.1f} img/s "
+    speed = f"{metrics['images_per_sec']:.1f} img/s"
+    if "tflops_per_gpu" in metrics:
+        speed += f" | {metrics['tflops_per_gpu']:.3g} TFLOP/s per GPU"
+    if "mfu" in metrics:
+        speed += f" {100 * metrics['mfu']:.1f}% MFU"
+    return (f"step {step}/{max_steps} | {terms} | lr {metrics['lr']:.3e} | {speed} "
             f"| {metrics['step_time']:.3f} s/step | ETA {eta}")
 
 

@@ -31,6 +31,7 @@ from largessl.eval.top1 import top1_accuracy
 from largessl.health import FiniteGuard, decode_first_bad, diverged
 from largessl.launch import slurm
 from largessl.lifecycle import SaveClock, StopSignals
+from largessl.mfu import Speed
 from largessl.objectives import objective_class
 from largessl.optim.build import make_optimizer
 from largessl.optim.param_groups import build_param_groups
@@ -89,6 +90,7 @@ class Trainer:
         rng.seed_everything(cfg.trainer.seed)  # identical initial weights on every rank
         with model_init_context(self.ds_config):
             objective = self.objective_cls(cfg.objective, cfg.model)
+        self.speed = Speed(objective, self.env.device, self.env.world_size, cfg.distributed.peak_tflops)
         self._load_initial_weights(objective)
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device,
@@ -344,6 +346,7 @@ class Trainer:
             "images_per_sec": self.cfg.optim.global_batch_size / step_time, "step_time": step_time,
             "peak_mem_gb": peak_memory_gb(self.env.device), "epoch": self.epoch(),
             "data/corrupt_images": means[-1] * self.env.world_size,
+            **self.speed.metrics(self.cfg.optim.global_batch_size / step_time),
         })
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm

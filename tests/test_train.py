@@ -38,8 +38,12 @@ def imagenette_run(imagenette_shards: Path, mini_shards: Path, tmp_path_factory:
     work = tmp_path_factory.mktemp("imagenette-run")
     ok(run_largessl([*DEBUG, f"data.train={imagenette_shards}", f"data.val={imagenette_shards}", "run.name=in",
                      "trainer.max_steps=100", "trainer.log_every=10", "trainer.ckpt_every=50", "eval.knn_every=50",
-                     f"eval.knn_train={mini_shards}", f"eval.knn_val={mini_shards}"], work))
+                     f"eval.knn_train={mini_shards}", f"eval.knn_val={mini_shards}", f"distributed.peak_tflops={PEAK}"],
+                    work))
     return work
+
+
+PEAK = 0.5  # TFLOP/s: a made-up peak for this CPU, so that `mfu` is logged
 
 
 def test_loss_falls_over_100_steps(imagenette_run: Path) -> None:
@@ -71,6 +75,16 @@ def test_mlflow_sqlite_contents(imagenette_run: Path) -> None:
         assert sorted(m.step for m in history) == list(range(10, 101, 10)), key
     knn = client.get_metric_history(run.info.run_id, "knn_top1")
     assert sorted(m.step for m in knn) == [50, 100] and all(0 <= m.value <= 1 for m in knn)
+    # MFU from the FLOP model: tflops_per_gpu = training FLOPs per image x img/s, mfu = that / the given peak
+    from largessl.config.load import load_config
+    from largessl.objectives.mae import MAE
+
+    cfg = load_config("debug/mae_vit_tiny", [])
+    per_image = MAE(cfg.objective, cfg.model).flops_per_image().train_step
+    for logged in read_metrics(imagenette_run / "runs" / "in").values():
+        assert logged["tflops_per_gpu"] == pytest.approx(per_image * logged["images_per_sec"] / 1e12, rel=1e-6)
+        assert logged["mfu"] == pytest.approx(logged["tflops_per_gpu"] / PEAK, rel=1e-6)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "mfu")) == list(range(10, 101, 10))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ds_config.json"} <= artifacts
 

@@ -23,6 +23,9 @@ class DistributedConfig:
     """A DeepSpeed JSON with ZeRO/communication settings only; default ds_configs/zero{stage}[_offload].json."""
     backend: str = ""
     """torch.distributed backend; empty picks nccl on GPUs and gloo on CPU."""
+    peak_tflops: float = 0.0
+    """Dense bf16 peak of one device in TFLOP/s, for the `mfu` metric; 0: from the table of known GPUs (mfu.py;
+    none on CPU)."""
 
     def validate(self, prefix: str = "distributed") -> None:
         require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage",
@@ -32,3 +35,4 @@ class DistributedConfig:
         require(not self.offload or self.zero_stage == 3, f"{prefix}.offload",
                 "CPU offload is shipped for ZeRO-3 only; set distributed.zero_stage=3")
         require(self.backend in ("", "nccl", "gloo"), f"{prefix}.backend", "must be nccl, gloo or empty (auto)")
+        require(self.peak_tflops >= 0, f"{prefix}.peak_tflops", "must be >= 0 (0: from the known GPUs)")

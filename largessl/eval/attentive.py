@@ -27,6 +27,7 @@ from torch import nn
 
 from largessl.eval.protocol import Protocol, normal_linear
 from largessl.eval.protocol_config import AttentiveConfig
+from largessl.models import flops
 from largessl.models.batchnorm import TokenSyncBatchNorm, load_norm_state, norm_state
 from largessl.models.config import ModelConfig
 from largessl.models.cross_attention import CrossAttention
@@ -65,6 +66,11 @@ class AttentiveProbe(Protocol):
 
     def no_weight_decay(self) -> set[str]:
         return {"attentive.query_token"}
+
+    def head_flops(self) -> float:
+        """One query attending to every output token (no MLP), then the linear head."""
+        tokens = self.encoder.num_patches + 1
+        return flops.cross_block(1, tokens, self.encoder.dim, mlp=False) + flops.per_token(self.head)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_norm(self.attentive(self.encoder_tokens(images)))[:, 0])

@@ -23,8 +23,10 @@ from torchvision.transforms import InterpolationMode, v2
 from largessl.config.schema import PretrainConfig
 from largessl.data.transforms import to_normalized_tensor
 from largessl.eval.protocol_config import METRICS, ProtocolConfig
-from largessl.eval.source import open_pretrained
+from largessl.eval.source import open_pretrained, run_config
+from largessl.models import flops
 from largessl.models.config import ModelConfig
+from largessl.models.flops import Flops
 from largessl.models.vit import ViTEncoder
 from largessl.objectives import objective_class
 from largessl.objectives.base import Objective, SampleTransform
@@ -33,7 +35,7 @@ from largessl.objectives.base import Objective, SampleTransform
 @cache
 def pretraining_config(checkpoint: str) -> PretrainConfig:
     """The resolved config of the pretraining run at `checkpoint` (a run directory or an export)."""
-    return open_pretrained(Path(checkpoint), arg="objective.checkpoint").config
+    return run_config(Path(checkpoint), arg="objective.checkpoint")
 
 
 class ProbeTransform:
@@ -104,6 +106,17 @@ class Protocol(Objective):
         return {"protocol": self.name, "pretrain_method": self.method,
                 "pretrain_run_dir": str(pretrained.path.resolve()), "pretrain_step": str(pretrained.step),
                 "pretrain_run_id": run_id}
+
+    def flops_per_image(self) -> Flops:
+        """The encoder on the whole image (without gradients when frozen), then the head."""
+        encoder = flops.encoder(self.encoder, self.encoder.num_patches + 1)
+        if self.frozen_encoder:
+            return Flops(trained=self.head_flops(), no_grad=encoder)
+        return Flops(trained=encoder + self.head_flops())
+
+    def head_flops(self) -> float:
+        """Forward FLOPs per image of what sits on the encoder's tokens."""
+        return flops.per_token(self.head)
 
     def encoder_tokens(self, images: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The encoder's output tokens; without a graph when it is frozen."""

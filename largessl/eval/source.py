@@ -75,6 +75,17 @@ def export_file(path: Path) -> Path | None:
     return None
 
 
+def run_config(path: Path, arg: str = "--checkpoint") -> PretrainConfig:
+    """The pretraining run's resolved config: RUN_DIR/config.yaml, or the one an export carries (no checkpoint
+    is looked for: building an evaluation's model needs only this)."""
+    file = export_file(path)
+    if file is not None:
+        return config_from_yaml_text(export_metadata(file, arg)[CONFIG_KEY])
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{arg}: {path} is not a run directory (no config.yaml) nor an export")
+    return config_from_yaml_text((path / "config.yaml").read_text())
+
+
 def open_pretrained(path: Path, step: int | None = None, arg: str = "--checkpoint") -> Pretrained:
     """The run directory's newest complete checkpoint (or the one of `step`), or the export at `path`."""
     file = export_file(path)

@@ -136,6 +136,16 @@ class DalleTokenizer:
         """How many token ids there are (the encoder's own `vocab_size`; 8192 for OpenAI's weights)."""
         return self._vocab_size
 
+    def flops(self, size: int) -> float:
+        """Forward FLOPs of the encoder on one size x size image: counted by torch's FlopCounterMode on the
+        meta device (the architecture's convolutions, no weights read)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        encoder = load_dalle_encoder(self.path, map_location="meta")
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            encoder(torch.empty(1, 3, size, size, device="meta"))
+        return float(counter.get_total_flops())
+
     def token_ids(self, images_01: torch.Tensor) -> torch.Tensor:
         """[B, 3, t, t] images in [0, 1] -> LongTensor [B, (t/8)^2] of ids, row-major, without gradients.
 

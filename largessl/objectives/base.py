@@ -36,6 +36,7 @@ from PIL import Image
 from torch import nn
 
 from largessl.models.config import ModelConfig
+from largessl.models.flops import Flops
 from largessl.models.vit import ViTEncoder
 
 SampleTransform = Callable[[Image.Image], dict[str, torch.Tensor]]
@@ -84,6 +85,11 @@ class Objective(nn.Module):
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what extra_state() returned (on CPU)."""
+
+    def flops_per_image(self) -> Flops:
+        """Forward FLOPs per image of one training step, trained and no-grad parts (models/flops.py): the FLOP
+        model behind `mfu` and `largessl bench`."""
+        raise NotImplementedError(f"{self.name} has no FLOP model")
 
     def eval_encoder(self) -> ViTEncoder:
         return self.encoder

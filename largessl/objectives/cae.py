@@ -33,9 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from largessl.data.transforms import cae_pretrain_transform
+from largessl.models import flops
 from largessl.models.config import ModelConfig
 from largessl.models.cross_attention import RegressorBlock
 from largessl.models.dalle_tokenizer import DalleTokenizer
+from largessl.models.flops import Flops
 from largessl.models.pos_embed import sincos_2d
 from largessl.models.vit import (
     LayerNorm,
@@ -153,6 +155,20 @@ class CAE(Objective):
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"regressor.mask_token"}
+
+    def flops_per_image(self) -> Flops:
+        """Encoder on the visible tokens, regressor (masked queries on visible + masked keys), decoder on the
+        masked ones; without gradients the alignment pass on the masked tokens and the DALL-E tokenizer."""
+        masked, visible = self.num_masked, self.encoder.num_patches - self.num_masked
+        project = flops.per_token(self.project) if self.project is not None else 0.0
+        width = self.pos_embed.shape[-1]
+        regressor = sum(flops.cross_block(masked, visible + masked, width) for _ in self.regressor.blocks)
+        decoder = flops.blocks(self.decoder.blocks, masked) + flops.per_token(self.decoder.head) * masked
+        trained = flops.encoder(self.encoder, visible + 1) + project * visible + regressor + decoder
+        no_grad = flops.encoder(self.encoder, masked + 1) + project * masked
+        if self.tokenizer is not None:
+            no_grad += self.tokenizer.flops(self.encoder.grid_size * TOKENIZER_PATCH)
+        return Flops(trained, no_grad)
 
     def latents(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(visible latents [B, V, Dd], alignment targets [B, M, Dd] under no_grad) from one encoder."""

@@ -30,8 +30,10 @@ from torch import nn
 
 from largessl.data.multicrop import MultiCropTransform
 from largessl.distributed import comm
+from largessl.models import flops
 from largessl.models.config import ModelConfig
 from largessl.models.dino_head import DINOHead
+from largessl.models.flops import Flops
 from largessl.models.vit import ViTEncoder
 from largessl.objectives.base import Objective, SampleTransform
 from largessl.objectives.config import DINOConfig
@@ -127,6 +129,14 @@ class DINO(Objective):
 
     def frozen_at_start(self) -> dict[str, int]:
         return {LAST_LAYER: self.cfg.freeze_last_layer_steps}
+
+    def flops_per_image(self) -> Flops:
+        """Student on the 2 global and the local crops, teacher on the 2 global ones, each crop's [cls] through
+        the head."""
+        net, patch = self.student.backbone, self.student.backbone.patch_size
+        crops = [(net.num_patches, 2), ((self.cfg.local_crop_size // patch) ** 2, self.cfg.local_crops)]
+        per_crop = {n: flops.encoder(net, n + 1, n) + flops.per_token(self.student.head) for n, _ in crops}
+        return Flops(trained=sum(per_crop[n] * count for n, count in crops), no_grad=2 * per_crop[net.num_patches])
 
     def teacher_pairs(self) -> list[tuple[str, str]]:
         return [(f"teacher.{name}", f"student.{name}") for name, _ in self.teacher.named_parameters()]

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from largessl.data.transforms import mae_pretrain_transform
+from largessl.models import flops
 from largessl.models.config import ModelConfig
+from largessl.models.flops import Flops
 from largessl.models.pos_embed import sincos_2d
 from largessl.models.vit import LayerNorm, ViTEncoder, build_blocks, init_mae_style, run_blocks
 from largessl.objectives.base import Objective, SampleTransform
@@ -96,6 +98,13 @@ class MAE(Objective):
     @classmethod
     def sample_transform(cls, cfg: MAEConfig, model_cfg: ModelConfig) -> SampleTransform:
         return mae_pretrain_transform(model_cfg.image_size, cfg.crop_scale, model_cfg.num_patches)
+
+    def flops_per_image(self) -> Flops:
+        """Encoder on the visible tokens and [cls] (every patch embedded), decoder on all N + 1."""
+        tokens, visible = self.encoder.num_patches + 1, self.num_keep + 1
+        decoder = (flops.per_token(self.decoder.embed) * visible + flops.blocks(self.decoder.blocks, tokens)
+                   + flops.per_token(self.decoder.pred) * tokens)
+        return Flops(trained=flops.encoder(self.encoder, visible) + decoder)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"decoder.mask_token", "decoder.pos_embed"}

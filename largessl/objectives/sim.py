@@ -39,8 +39,10 @@ from torch import nn
 
 from largessl.data.siamese import SIMTransform
 from largessl.distributed import comm
+from largessl.models import flops
 from largessl.models.batchnorm import TokenSyncBatchNorm, load_norm_state, norm_state
 from largessl.models.config import ModelConfig
+from largessl.models.flops import Flops
 from largessl.models.pos_embed import sincos_2d, sincos_relative
 from largessl.models.vit import ViTEncoder, build_blocks, init_mae_style, run_blocks
 from largessl.objectives.base import Objective, SampleTransform
@@ -190,6 +192,21 @@ class SIM(Objective):
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"predictor.mask_token"}
+
+    def flops_per_image(self) -> Flops:
+        """Online: encoder on view 1's visible tokens and [cls] (its patch embedding frozen: no gradients),
+        projector, predictor on [cls] + visible + N queries, the loss's P @ C; target branch on all of view 2."""
+        n, visible = self.encoder.num_patches, self.encoder.num_patches - self.num_masked + 1
+        embed = flops.patch_embed(n, self.encoder.patch_size, self.encoder.dim)
+        width = self.predictor.width
+        projector = flops.per_token(self.projector.embed) * visible + flops.blocks(self.projector.blocks, visible)
+        predictor = (flops.per_token(self.predictor.pos_mlp) * n + flops.blocks(self.predictor.blocks, visible + n)
+                     + flops.per_token(self.predictor.head) * n)
+        loss = flops.linear(n, width, width) * (2 if self.cfg.loss_form == "global_dense" else 1)
+        trained = flops.blocks(self.encoder.blocks, visible) + projector + predictor + loss
+        target = (embed + flops.blocks(self.target.blocks, n + 1) + flops.per_token(self.target.projector.embed)
+                  * (n + 1) + flops.blocks(self.target.projector.blocks, n + 1))
+        return Flops(trained, no_grad=embed + target)
 
     def teacher_pairs(self) -> list[tuple[str, str]]:
         online = {"cls_token": "encoder.cls_token"}
