@@ -1,4 +1,4 @@
-"""The `largessl` command: pretrain, eval knn|linear|attentive|finetune, compare, export."""
+"""The `largessl` command: pretrain, eval knn|linear|attentive|finetune|fewshot, compare, export, bench."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def build_parser() -> Parser:
     from largessl import compare
 
     compare.add_parser(commands)
+    from largessl import bench
+
+    bench.add_parser(commands)
     return parser
 
 
@@ -167,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             from largessl import export
 
             return export.run(args)
+        if args.command == "bench":
+            from largessl import bench
+
+            return bench.run(args)
         if args.protocol == "knn":
             return eval_knn(args)
         from largessl.eval import run as protocol_run
