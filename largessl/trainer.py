@@ -63,6 +63,7 @@ class Trainer:
         self.resumes = 0
         self.save_clock = SaveClock(cfg.trainer.ckpt_every_minutes)
         self.top1: float | None = None  # an evaluation protocol's last top-1
+        self.device_stage: Any = None  # data.decode=gpu: decodes and augments each batch on the device
         try:
             self._build()
         except BaseException:
@@ -85,6 +86,7 @@ class Trainer:
                                           accumulation=self.accumulation, world_size=self.env.world_size,
                                           grad_clip=cfg.optim.grad_clip)
         self.objective_cls = objective_class(cfg.objective.name)
+        self.worker_transform = self._sample_transform()  # data.decode=gpu without a GPU path: said before the build
         self.note(f"building {cfg.objective.name} on {cfg.model.name}"
                   + (f", partitioned over {self.env.world_size} rank(s) (ZeRO-3)" if self.zero_stage == 3 else ""))
         rng.seed_everything(cfg.trainer.seed)  # identical initial weights on every rank
@@ -120,10 +122,22 @@ class Trainer:
         if self.env.is_main:
             say(message)
 
+    def _sample_transform(self) -> Any:
+        """The workers' per-sample transform; with data.decode=gpu its worker half, and the device half kept."""
+        cfg = self.cfg
+        if cfg.data.decode == "cpu":
+            return self.objective_cls.sample_transform(cfg.objective, cfg.model)
+        views = self.objective_cls.encoded_views(cfg.objective, cfg.model)
+        if views is None:
+            raise UserError(f"data.decode=gpu: {cfg.objective.name} has no GPU input path yet (mae has); "
+                            "use data.decode=cpu")
+        worker, self.device_stage = views
+        return worker
+
     def _start_loader(self) -> Any:
         cfg = self.cfg
         loader = build_train_loader(
-            cfg.data, self.plan, self.objective_cls.sample_transform(cfg.objective, cfg.model),
+            cfg.data, self.plan, self.worker_transform,
             rank=self.env.rank, world_size=self.env.world_size, states=self.position.readers,
             rotation=self.position.micro_batches % max(1, cfg.data.num_workers),
             corrupt_log_path=str(self.run_dir / "corrupt_samples.jsonl"))
@@ -315,6 +329,8 @@ class Trainer:
         for _ in range(self.accumulation):
             batch = self.position.observe(next(batches))
             batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+            if self.device_stage is not None:
+                batch = self.device_stage(batch)
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             grad_norm = self.engine.step(want_norm)

@@ -38,7 +38,8 @@ def build_train_loader(cfg: DataConfig, plan: StreamPlan, transform: Transform, 
                        states: dict[int, ReaderState] | None = None, rotation: int = 0,
                        corrupt_log_path: str | None = None) -> DataLoader:
     stream = TrainStream(plan, transform, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                         states=states, rotation=rotation, corrupt_log=CorruptLog(corrupt_log_path, rank))
+                         states=states, rotation=rotation, corrupt_log=CorruptLog(corrupt_log_path, rank),
+                         encoded=cfg.decode == "gpu")
     return make_loader(stream, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                        prefetch_factor=cfg.prefetch_factor)
 

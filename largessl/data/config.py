@@ -34,6 +34,10 @@ class DataConfig:
     'global': every reader streams the whole epoch and keeps its share, so the data order is the same
     for any number of ranks and workers (reproducibility checks; costs ranks x workers times the I/O)."""
     pin_memory: bool = True
+    decode: str = "cpu"
+    """Where JPEGs are decoded and augmented: cpu (DataLoader workers) or gpu (workers draw the augmentation, the
+    device decodes with nvJPEG and crops, resizes, flips; data/gpu_decode.py; MAE so far; on a CPU-only machine the
+    same code runs on the CPU)."""
     """Pin host batches for faster copies to the GPU."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
@@ -41,6 +45,7 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         require(self.micro_batch_size > 0, f"{prefix}.micro_batch_size", "must be > 0")
         require(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")
+        require(self.decode in ("cpu", "gpu"), f"{prefix}.decode", f"must be cpu or gpu (got '{self.decode}')")
         require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", "must be >= 0")
         require(self.prefetch_factor > 0, f"{prefix}.prefetch_factor", "must be > 0")
         require(self.order in DATA_ORDERS, f"{prefix}.order", f"must be one of {', '.join(DATA_ORDERS)}")

@@ -138,8 +138,16 @@ class TrainStream(IterableDataset):
     after a resume the DataLoader's round robin continues with the reader whose batch comes next."""
 
     def __init__(self, plan: StreamPlan, transform: Transform, *, rank: int, world_size: int, num_workers: int,
-                 states: dict[int, ReaderState] | None = None, rotation: int = 0, corrupt_log: CorruptLog) -> None:
+                 states: dict[int, ReaderState] | None = None, rotation: int = 0, corrupt_log: CorruptLog,
+                 encoded: bool = False) -> None:
+        """`encoded`: the transform takes the checked JPEG bytes (data/gpu_decode.py), not a decoded image."""
         self.plan, self.transform, self.rank, self.world_size = plan, transform, rank, world_size
+        if encoded:
+            from largessl.data.gpu_decode import EncodedImage, collate_encoded
+
+            self.decode, self.collate = EncodedImage.of, collate_encoded
+        else:
+            self.decode, self.collate = decode_image, collate
         self.num_readers = max(1, num_workers)
         self.states = states or {}
         self.rotation = rotation
@@ -161,7 +169,7 @@ class TrainStream(IterableDataset):
         while state.batches < self.plan.batches_in_epoch(state.epoch, slot):
             sample = next(stream)
             state.raw_pos += 1
-            image = decode_image(sample)
+            image = self.decode(sample)
             if image is None:
                 state.corrupt += 1
                 bad_in_a_row += 1
@@ -178,7 +186,7 @@ class TrainStream(IterableDataset):
             items.append(item)
             if len(items) == self.plan.batch_size:
                 state.batches += 1
-                batch = collate(items)
+                batch = self.collate(items)
                 items = []
                 batch.update({f"_{k}": torch.tensor(v) for k, v in asdict(state).items()})
                 batch["_reader"] = torch.tensor(reader)

@@ -53,6 +53,12 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def encoded_views(cls, cfg: Any, model_cfg: ModelConfig) -> tuple[Callable, Callable] | None:
+        """For data.decode=gpu (data/gpu_decode.py): (the worker transform of a checked JPEG, the device stage
+        that decodes and augments the batch); None where the method has no GPU input path yet."""
+        return None
+
+    @classmethod
     def encoder_layout(cls, cfg: Any) -> dict[str, Any]:
         """ViTEncoder keyword arguments that make this method's encoder (position table, init, layer scale, final
         norm); the evaluation protocols build a run's encoder from them."""

@@ -14,9 +14,12 @@ References: https://github.com/facebookresearch/mae/blob/main/models_mae.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from largessl.data.gpu_decode import DeviceViews, MAEEncodedTransform
 from largessl.data.transforms import mae_pretrain_transform
 from largessl.models import flops
 from largessl.models.config import ModelConfig
@@ -105,6 +108,11 @@ class MAE(Objective):
         decoder = (flops.per_token(self.decoder.embed) * visible + flops.blocks(self.decoder.blocks, tokens)
                    + flops.per_token(self.decoder.pred) * tokens)
         return Flops(trained=flops.encoder(self.encoder, visible) + decoder)
+
+    @classmethod
+    def encoded_views(cls, cfg: MAEConfig, model_cfg: ModelConfig) -> tuple[Callable, Callable]:
+        return (MAEEncodedTransform(model_cfg.image_size, cfg.crop_scale, model_cfg.num_patches),
+                DeviceViews(model_cfg.image_size))
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"decoder.mask_token", "decoder.pos_embed"}
