@@ -160,23 +160,37 @@ def data_only(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     from largessl.data.index import open_split
     from largessl.data.loader import kill_workers
     from largessl.objectives import objective_class
+    from largessl.progress import sync
 
     index = open_split(cfg.data.train, cfg.data.train_split, "data.train")
     plan = plan_training(cfg.data, index, seed=cfg.trainer.seed, world_size=1, global_batch=cfg.data.micro_batch_size)
-    transform = objective_class(cfg.objective.name).sample_transform(cfg.objective, cfg.model)
+    method = objective_class(cfg.objective.name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    transform, stage = method.sample_transform(cfg.objective, cfg.model), None
+    if cfg.data.decode == "gpu":  # the workers' half and the device half (decode, crop, resize) both count
+        transform, stage = method.encoded_views(cfg.objective, cfg.model) or (None, None)
+        if transform is None:
+            raise UserError(f"data.decode=gpu: {cfg.objective.name} has no GPU input path yet (mae has)")
     batches = iter(build_train_loader(cfg.data, plan, transform, rank=0, world_size=1))
+
+    def take() -> None:
+        batch = next(batches)
+        if stage is not None:
+            stage({k: v if k in stage.host_keys else v.to(device) for k, v in batch.items()})
+            sync(device)
+
     try:
         for _ in range(args.warmup):
-            next(batches)
+            take()
         start = time.perf_counter()
         for _ in range(args.steps):
-            next(batches)
+            take()
         wall = time.perf_counter() - start
     finally:
         kill_workers()
-    return {**describe(cfg, args, torch.device("cpu"), 1), "images_per_sec": cfg.data.micro_batch_size * args.steps
-            / wall, "batch_s": wall / args.steps, "micro_batch": cfg.data.micro_batch_size,
-            "num_workers": cfg.data.num_workers}
+    return {**describe(cfg, args, device if stage is not None else torch.device("cpu"), 1),
+            "images_per_sec": cfg.data.micro_batch_size * args.steps / wall, "batch_s": wall / args.steps,
+            "micro_batch": cfg.data.micro_batch_size, "num_workers": cfg.data.num_workers, "decode": cfg.data.decode}
 
 
 # ----------------------------------------------------------------------------- the report

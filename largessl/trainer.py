@@ -328,7 +328,8 @@ class Trainer:
         grad_norm = None
         for _ in range(self.accumulation):
             batch = self.position.observe(next(batches))
-            batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+            host = getattr(self.device_stage, "host_keys", ())  # what the device stage reads from host memory
+            batch = {k: v if k in host else v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
             if self.device_stage is not None:
                 batch = self.device_stage(batch)
             out = self.engine(batch)

@@ -54,7 +54,9 @@ def test_data_only_bench_times_the_input_pipeline_alone(mini_shards: Path, tmp_p
     out = bench(mini_shards, tmp_path, "debug/dino_vit_tiny", "--data-only")
     assert out["mode"] == "data-only" and out["num_workers"] == 1 and out["images_per_sec"] > 1
     assert out["images_per_sec"] == pytest.approx(out["micro_batch"] / out["batch_s"])
-    assert "tflops_per_gpu" not in out
+    assert "tflops_per_gpu" not in out and out["decode"] == "cpu"
+    gpu_path = bench(mini_shards, tmp_path, "debug/mae_vit_tiny", "--data-only", "data.decode=gpu")
+    assert gpu_path["decode"] == "gpu" and gpu_path["images_per_sec"] > 1  # workers and the device stage, timed
 
 
 def test_bad_bench_arguments_end_in_one_line(mini_shards: Path, tmp_path: Path) -> None:

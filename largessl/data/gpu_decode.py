@@ -83,6 +83,8 @@ def collate_encoded(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 class DeviceViews:
     """The device half: decode the batch's JPEGs, then crop, resize, flip and normalise each into "image"."""
 
+    host_keys = ("jpeg", "jpeg_length")  # decode_jpeg reads its input from host memory: the trainer leaves them there
+
     def __init__(self, image_size: int) -> None:
         self.size = [image_size, image_size]
 
@@ -114,7 +116,7 @@ def normalize(image_uint8: torch.Tensor) -> torch.Tensor:
 def decode_all(jpeg: torch.Tensor, lengths: list[int], device: torch.device) -> list[torch.Tensor | None]:
     """[3, H, W] uint8 images on `device` (None where a JPEG does not decode): the batch in one call, or one by
     one when that call fails."""
-    data = [jpeg[row, :length].cpu() for row, length in enumerate(lengths)]
+    data = [jpeg[row, :length] for row, length in enumerate(lengths)]
     target = device if device.type == "cuda" else "cpu"
     try:
         return [image.to(device) for image in decode_jpeg(data, mode=ImageReadMode.RGB, device=target)]
