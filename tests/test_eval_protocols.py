@@ -302,7 +302,8 @@ def evaluate(protocol_name: str, run: Path, shards: Path, workdir: Path, *extra:
     return run_largessl(eval_args(protocol_name, run, shards, *extra), workdir)
 
 
-def test_linear_probe_of_a_mae_run_end_to_end(mini_shards: Path, tmp_path: Path) -> None:
+def test_linear_probe_of_a_mae_run_end_to_end(mini_shards: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = pretrain_mae(mini_shards, tmp_path, "mae", 1, f"tracking.uri={uri}", "trainer.log_every=1",
                        "data.micro_batch_size=16", "optim.global_batch_size=16")
@@ -332,20 +333,24 @@ def test_linear_probe_of_a_mae_run_end_to_end(mini_shards: Path, tmp_path: Path)
         pytest.approx(float(line.split()[-1]), abs=1e-4)
     assert client.get_run(parent.info.run_id).data.metrics["fewshot_top1"] == pytest.approx(float(line.split()[-1]))
 
-    # the same protocol from the run's export (--checkpoint FILE): the same encoder, so the same features and top-1
-    ok(run_largessl(["export", str(run), "--out", str(tmp_path / "shared" / "mae.safetensors")], tmp_path))
-    again = ok(run_largessl(["eval", "fewshot", "--checkpoint", str(tmp_path / "shared" / "mae.safetensors"),
-                             "--train", str(mini_shards), "--val", str(mini_shards), "--percent", "20",
-                             "--num-workers", "1"], tmp_path))
-    assert again.stdout.strip().splitlines()[-1] == line
+    # the same protocol from the run's export (--checkpoint FILE): the same encoder, so the same features and top-1;
+    # then a subset named by a file. In this process (a child spends ~8 s importing torch, DeepSpeed and MLflow).
+    from largessl.cli import main as cli_main
+
+    export = tmp_path / "shared" / "mae.safetensors"
+    common = ["--train", str(mini_shards), "--val", str(mini_shards), "--num-workers", "1"]
+    capsys.readouterr()
+    assert cli_main(["export", str(run), "--out", str(export)]) == 0
+    assert cli_main(["eval", "fewshot", "--checkpoint", str(export), *common, "--percent", "20"]) == 0
+    again = capsys.readouterr().out
+    assert again.strip().splitlines()[-1] == line
+    assert (tmp_path / "shared" / "mae_eval" / "fewshot_step00000001.json").is_file()
+    assert f"logged fewshot_top1 to MLflow run {parent.info.run_id}" in again  # onto the pretraining run
     listing = tmp_path / "subset.txt"  # the subset named by a file (SIM's 1percent.txt) instead of a share
     listing.write_text("".join(f"{path.name}\n" for path in sorted((MINI_IMAGES / "train").rglob("*.JPEG"))[::10]))
-    listed = ok(run_largessl(["eval", "fewshot", "--checkpoint", str(run), "--train", str(mini_shards), "--val",
-                              str(mini_shards), "--subset", str(listing), "--num-workers", "1"], tmp_path))
-    assert f"50 labelled images (the 50 of {listing})" in listed.stdout
+    assert cli_main(["eval", "fewshot", "--checkpoint", str(run), *common, "--subset", str(listing)]) == 0
+    assert f"50 labelled images (the 50 of {listing})" in capsys.readouterr().out
     assert json.loads((run / "eval" / "fewshot_step00000001.json").read_text())["subset"].startswith("subset-")
-    assert (tmp_path / "shared" / "mae_eval" / "fewshot_step00000001.json").is_file()
-    assert f"logged fewshot_top1 to MLflow run {parent.info.run_id}" in again.stdout  # onto the pretraining run
 
 
 @pytest.mark.slow  # about 4 min on 2 cores: three protocols x (straight, killed, resumed)
