@@ -170,7 +170,8 @@ def data_only(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     if cfg.data.decode == "gpu":  # the workers' half and the device half (decode, crop, resize) both count
         transform, stage = method.encoded_views(cfg.objective, cfg.model) or (None, None)
         if transform is None:
-            raise UserError(f"data.decode=gpu: {cfg.objective.name} has no GPU input path yet (mae has)")
+            raise UserError(f"data.decode=gpu: {cfg.objective.name} has no GPU input path yet (mae and cae with "
+                            "pixel targets have)")
     batches = iter(build_train_loader(cfg.data, plan, transform, rank=0, world_size=1))
 
     def take() -> None:

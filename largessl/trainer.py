@@ -129,8 +129,8 @@ class Trainer:
             return self.objective_cls.sample_transform(cfg.objective, cfg.model)
         views = self.objective_cls.encoded_views(cfg.objective, cfg.model)
         if views is None:
-            raise UserError(f"data.decode=gpu: {cfg.objective.name} has no GPU input path yet (mae has); "
-                            "use data.decode=cpu")
+            raise UserError(f"data.decode=gpu: {cfg.objective.name} has no GPU input path yet (mae and cae with "
+                            "pixel targets have); use data.decode=cpu")
         worker, self.device_stage = views
         return worker
 

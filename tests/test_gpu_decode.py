@@ -1,6 +1,6 @@
 """The GPU input path (data.decode=gpu, data/gpu_decode.py), run here with device=cpu: the same per-sample draws as
-the CPU path (crop box, flip, mask noise), the same crops to within the two bicubic kernels, corrupt JPEGs skipped
-or blacked out, and MAE training through it."""
+the CPU path (crop box, flip, then MAE's mask noise or CAE's block mask), the same crops to within the two bicubic
+kernels, corrupt JPEGs skipped or blacked out, and MAE training through it."""
 
 from __future__ import annotations
 
@@ -13,11 +13,17 @@ from conftest import read_metrics, run_largessl
 from PIL import Image
 from test_train import ok
 
-from largessl.data.gpu_decode import DeviceViews, EncodedImage, MAEEncodedTransform, collate_encoded
+from largessl.data.gpu_decode import (
+    CAEEncodedTransform,
+    DeviceViews,
+    EncodedImage,
+    MAEEncodedTransform,
+    collate_encoded,
+)
 from largessl.data.index import open_split
 from largessl.data.loader import decode_image
 from largessl.data.stream import read_range
-from largessl.data.transforms import MAETransform
+from largessl.data.transforms import CAETransform, MAETransform
 from largessl.rng import seed_everything
 
 SIZE, PATCHES = 96, 36
@@ -28,23 +34,32 @@ def raw_samples(shards: Path, count: int = 8) -> list[dict]:
     return list(read_range(list(index.shards), 0, index.num_samples))[::60][:count]
 
 
-def both_paths(sample: dict, seed: int, seed_gpu: int | None = None) -> tuple[dict, dict]:
+PATHS = {  # method: (CPU transform, worker half, the key drawn last, after the box and the flip)
+    "mae": (lambda: MAETransform(SIZE, (0.2, 1.0), PATCHES),
+            lambda: MAEEncodedTransform(SIZE, (0.2, 1.0), PATCHES), "mask_noise"),
+    "cae": (lambda: CAETransform(SIZE, 6, 18, (0.08, 1.0), min_num_patches=4),
+            lambda: CAEEncodedTransform(6, 18, (0.08, 1.0), min_num_patches=4), "mask"),
+}
+
+
+def both_paths(method: str, sample: dict, seed: int, seed_gpu: int | None = None) -> tuple[dict, dict]:
+    cpu_transform, worker, _ = PATHS[method]
     seed_everything(seed)
-    cpu = MAETransform(SIZE, (0.2, 1.0), PATCHES)(decode_image(sample))
+    cpu = cpu_transform()(decode_image(sample))
     seed_everything(seed if seed_gpu is None else seed_gpu)
-    item = MAEEncodedTransform(SIZE, (0.2, 1.0), PATCHES)(EncodedImage.of(sample))
-    gpu = DeviceViews(SIZE)(collate_encoded([item]))
+    gpu = DeviceViews(SIZE)(collate_encoded([worker()(EncodedImage.of(sample))]))
     return cpu, {key: value[0] for key, value in gpu.items()}
 
 
-def test_same_draws_and_the_same_crops_as_the_cpu_path(mini_shards: Path) -> None:
-    differences = []
+@pytest.mark.parametrize("method", list(PATHS))
+def test_same_draws_and_the_same_crops_as_the_cpu_path(mini_shards: Path, method: str) -> None:
+    differences, last = [], PATHS[method][2]
     for number, sample in enumerate(raw_samples(mini_shards)):
-        cpu, gpu = both_paths(sample, seed=100 + number)
-        assert torch.equal(cpu["mask_noise"], gpu["mask_noise"])  # drawn after the box and the flip: same order
+        cpu, gpu = both_paths(method, sample, seed=100 + number)
+        assert torch.equal(cpu[last], gpu[last])  # drawn after the box and the flip: the same order of draws
         assert gpu["image"].shape == cpu["image"].shape == (3, SIZE, SIZE) and bool(gpu["valid"])
         differences.append((gpu["image"] - cpu["image"]).abs())
-        _, other = both_paths(sample, seed=100 + number, seed_gpu=7)  # another box: the check can tell
+        _, other = both_paths(method, sample, seed=100 + number, seed_gpu=7)  # another box: the check can tell
         assert (other["image"] - cpu["image"]).abs().mean() > 0.2
     every = torch.stack(differences)
     # PIL's and torch's antialiased bicubic differ by about a grey level (1/255/0.225 = 0.017 after normalising)
@@ -93,3 +108,8 @@ def test_mae_trains_through_the_gpu_path_with_the_cpu_paths_losses(mini_shards: 
                             f"data.val={mini_shards}", "data.decode=gpu", "tracking.enabled=false"], tmp_path)
     last = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and "data.decode=gpu: sim has no GPU input path yet" in last
+    from largessl.config.load import load_config
+    from largessl.objectives.cae import CAE
+
+    cae = load_config("debug/cae_vit_tiny", ["objective.target=dalle", "objective.tokenizer_path=x.pkl"])
+    assert CAE.encoded_views(cae.objective, cae.model) is None  # the tokenizer's Lanczos view stays on the CPU

@@ -36,7 +36,7 @@ class DataConfig:
     pin_memory: bool = True
     decode: str = "cpu"
     """Where JPEGs are decoded and augmented: cpu (DataLoader workers) or gpu (workers draw the augmentation, the
-    device decodes with nvJPEG and crops, resizes, flips; data/gpu_decode.py; MAE so far; on a CPU-only machine the
+    device decodes with nvJPEG and crops, resizes, flips; data/gpu_decode.py; MAE and CAE with pixel targets; on a CPU-only machine the
     same code runs on the CPU)."""
     """Pin host batches for faster copies to the GPU."""
     prefetch_factor: int = 2

@@ -1,4 +1,5 @@
-"""The GPU input path (`data.decode: gpu`): workers draw the augmentation, the device decodes and applies it.
+"""The GPU input path (`data.decode: gpu`; MAE, CAE with pixel targets): workers draw the augmentation, the device
+decodes and applies it.
 
 On the CPU path a DataLoader worker decodes each JPEG and augments it (data/transforms.py). At MAE ViT-B speeds that
 is the bottleneck (../shared/docs/performance.md section 5), so here the worker only reads the JPEG's header, draws
@@ -68,6 +69,25 @@ class MAEEncodedTransform:
         return {"jpeg": torch.frombuffer(bytearray(image.data), dtype=torch.uint8),
                 "crop_box": torch.tensor([box["top"], box["left"], box["height"], box["width"]]),
                 "flip": flip[0], "mask_noise": torch.rand(self.num_patches)}
+
+
+class CAEEncodedTransform:
+    """The worker half of CAETransform (pixel targets): its crop box, flip and block mask, drawn in its order."""
+
+    def __init__(self, num_patches_side: int, num_masked: int, crop_scale: tuple[float, float], *,
+                 min_num_patches: int) -> None:
+        from largessl.data.masking import BlockMaskGenerator
+
+        self.crop_scale, self.crop_ratio = list(crop_scale), [3 / 4, 4 / 3]
+        self.masks = BlockMaskGenerator(num_patches_side, num_masked, min_num_patches=min_num_patches, variant="exact")
+
+    def __call__(self, image: EncodedImage) -> dict[str, torch.Tensor]:
+        width, height = image.size
+        top, left, h, w = v2.RandomResizedCrop.get_params(torch.zeros(()).expand(1, height, width), self.crop_scale,
+                                                          self.crop_ratio)
+        flip = torch.rand(1) < 0.5
+        return {"jpeg": torch.frombuffer(bytearray(image.data), dtype=torch.uint8),
+                "crop_box": torch.tensor([top, left, h, w]), "flip": flip[0], "mask": self.masks()}
 
 
 def collate_encoded(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

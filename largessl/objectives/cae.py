@@ -26,12 +26,14 @@ models/modeling_cae_helper.py (encoder, LatentRegresser, Decoder), furnace/engin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largessl.data.gpu_decode import CAEEncodedTransform, DeviceViews
 from largessl.data.transforms import cae_pretrain_transform
 from largessl.models import flops
 from largessl.models.config import ModelConfig
@@ -152,6 +154,15 @@ class CAE(Objective):
         return cae_pretrain_transform(model_cfg.image_size, grid, cfg.masked_count(model_cfg), cfg.crop_scale,
                                       tokenizer_size=grid * TOKENIZER_PATCH if cfg.target == "dalle" else 0,
                                       min_num_patches=cfg.min_block_patches)
+
+    @classmethod
+    def encoded_views(cls, cfg: CAEConfig, model_cfg: ModelConfig) -> tuple[Callable, Callable] | None:
+        """Pixel targets only: the tokenizer's Lanczos view of the crop has no device equivalent yet."""
+        if cfg.target == "dalle":
+            return None
+        grid = model_cfg.image_size // model_cfg.patch_size
+        return (CAEEncodedTransform(grid, cfg.masked_count(model_cfg), cfg.crop_scale,
+                                    min_num_patches=cfg.min_block_patches), DeviceViews(model_cfg.image_size))
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"regressor.mask_token"}
