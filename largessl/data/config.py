@@ -34,11 +34,11 @@ class DataConfig:
     'global': every reader streams the whole epoch and keeps its share, so the data order is the same
     for any number of ranks and workers (reproducibility checks; costs ranks x workers times the I/O)."""
     pin_memory: bool = True
+    """Pin host batches for faster copies to the GPU."""
     decode: str = "cpu"
     """Where JPEGs are decoded and augmented: cpu (DataLoader workers) or gpu (workers draw the augmentation, the
-    device decodes with nvJPEG and crops, resizes, flips; data/gpu_decode.py; MAE and CAE with pixel targets; on a CPU-only machine the
-    same code runs on the CPU)."""
-    """Pin host batches for faster copies to the GPU."""
+    device decodes with nvJPEG and crops, resizes, flips; data/gpu_decode.py; MAE, and CAE with pixel targets; on
+    a machine without a GPU the same code runs on the CPU)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
 
