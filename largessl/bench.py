@@ -123,7 +123,8 @@ def timed_steps(trainer: Any, feed: TimedFeed, args: argparse.Namespace) -> dict
             "data_wait_fraction": feed.waited / wall, "peak_mem_gb": peak_memory_gb(device),
             "flops_per_image": trainer.speed.flops_per_image, "peak_tflops": trainer.speed.peak,
             "tflops_per_gpu": speed.get("tflops_per_gpu"), "mfu": speed.get("mfu"),
-            "global_batch": cfg.optim.global_batch_size, "micro_batch": cfg.data.micro_batch_size}
+            "global_batch": cfg.optim.global_batch_size, "micro_batch": cfg.data.micro_batch_size,
+            "attention_kernel": attention_kernel(cfg, device)}
 
 
 class TimedFeed:
@@ -210,6 +211,29 @@ def describe(cfg: Any, args: argparse.Namespace, device: Any, world_size: int) -
             "zero_stage": cfg.distributed.zero_stage, "git_commit": git_commit()}
 
 
+def attention_kernel(cfg: Any, device: Any) -> str | None:
+    """The fused attention kernel PyTorch's dispatcher takes for the encoder's self-attention at its token count,
+    heads and compute dtype: the first of flash, memory-efficient, math (its order of preference) that runs alone;
+    None on CPU."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda":
+        return None
+    dim, _, heads = cfg.model.dims
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.distributed.precision, torch.float32)
+    q = torch.randn(2, heads, cfg.model.num_patches + 1, dim // heads, device=device, dtype=dtype)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH)):
+        try:
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            return name
+        except RuntimeError:
+            continue
+    return None
+
+
 def say_result(result: dict[str, Any]) -> None:
     head = (f"bench {result['recipe']} ({result['method']}, {result['model']} at {result['image_size']} px, "
             f"{result['mode']}, {result['steps']} steps after {result['warmup']}) on {result['world_size']} x "
@@ -221,7 +245,8 @@ def say_result(result: dict[str, Any]) -> None:
         return
     mfu = f", {100 * result['mfu']:.1f}% MFU of {result['peak_tflops']:g}" if result["mfu"] is not None else ""
     tflops = f"{result['tflops_per_gpu']:.3g} TFLOP/s per device{mfu}" if result["tflops_per_gpu"] is not None else ""
-    print(f"  {result['images_per_sec']:.1f} images/s, {tflops}; peak memory {result['peak_mem_gb']:.2f} GB",
+    kernel = f"; attention: {result['attention_kernel']}" if result["attention_kernel"] else ""
+    print(f"  {result['images_per_sec']:.1f} images/s, {tflops}; peak memory {result['peak_mem_gb']:.2f} GB{kernel}",
           flush=True)
     wait = 1000 * result["data_wait_s_per_step"]
     print(f"  per step {1000 * result['step_time_s']:.1f} ms: waiting for data {wait:.1f} ms "

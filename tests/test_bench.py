@@ -40,6 +40,7 @@ def test_end_to_end_bench_reports_consistent_speed_and_mfu(mini_shards: Path, tm
     assert 0 <= out["data_wait_fraction"] < 1 and out["compute_s_per_step"] > 0 and out["peak_mem_gb"] > 0.1
     assert out["data_wait_s_per_step"] + out["compute_s_per_step"] == pytest.approx(out["step_time_s"])
     assert not (tmp_path / "runs").exists()  # a scratch run directory, removed
+    assert out["attention_kernel"] is None  # which fused kernel runs is asked on a GPU only
 
 
 @pytest.mark.slow  # ~25 s; the default suite keeps the end-to-end mode
