@@ -179,20 +179,13 @@ def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: Spli
 def frozen_features(encoder: torch.nn.Module, image_size: int, train: SplitIndex, positions: list[int],
                     val: SplitIndex, *, pool: str, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
     """The pooled eval-view features and labels of the subset's samples and of the whole val split."""
-    from functools import partial
-
     from largessl.data.build import build_eval_loader
     from largessl.data.transforms import EvalTransform
-    from largessl.eval.knn import extract_features
+    from largessl.eval.standalone import pooled_features
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.to(device).eval()
-    forward = partial(encoder.forward_pooled, pool=pool)
     transform = EvalTransform(image_size)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        subset = extract_features(forward, subset_loader(train, positions, transform, batch_size), device=device,
-                                  dtype=torch.float32)
-        queries = extract_features(forward, build_eval_loader(
-            val, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers,
-            image_size=image_size), device=device, dtype=torch.float32)
+    subset, queries = pooled_features(encoder, [
+        subset_loader(train, positions, transform, batch_size),
+        build_eval_loader(val, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers,
+                          image_size=image_size)], pool)
     return {"train": subset[0], "train_labels": subset[1], "val": queries[0], "val_labels": queries[1]}

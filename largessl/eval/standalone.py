@@ -50,18 +50,21 @@ def checkpoint_features(checkpoint: Path, train: str, val: str, *, train_split: 
     """([train (features, labels), val (features, labels)], run config, client state, tag directory) from
     the eval encoder of a run's latest checkpoint."""
     encoder, cfg, states, tag_dir = load_encoder(checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.to(device).eval()
     indices = [open_split(train, train_split, "--train"), open_split(val, val_split, "--val")]
     transform = EvalTransform(cfg.model.image_size)
-    features = []
-    for index in indices:
-        loader = build_eval_loader(index, transform, batch_size=batch_size, rank=0, world_size=1,
-                                   num_workers=num_workers, image_size=cfg.model.image_size)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features.append(extract_features(partial(encoder.forward_pooled, pool=pool), loader, device=device,
-                                             dtype=torch.float32))
-    return features, cfg, states, tag_dir
+    loaders = [build_eval_loader(index, transform, batch_size=batch_size, rank=0, world_size=1,
+                                 num_workers=num_workers, image_size=cfg.model.image_size) for index in indices]
+    return pooled_features(encoder, loaders, pool), cfg, states, tag_dir
+
+
+def pooled_features(encoder: torch.nn.Module, loaders: list, pool: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, labels) of each loader's images through the frozen encoder, on the GPU in bf16 where there is
+    one (fp32 features either way)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.to(device).eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return [extract_features(partial(encoder.forward_pooled, pool=pool), loader, device=device,
+                                 dtype=torch.float32) for loader in loaders]
 
 
 def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str, k: int,
