@@ -167,12 +167,8 @@ def data_only(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     plan = plan_training(cfg.data, index, seed=cfg.trainer.seed, world_size=1, global_batch=cfg.data.micro_batch_size)
     method = objective_class(cfg.objective.name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    transform, stage = method.sample_transform(cfg.objective, cfg.model), None
-    if cfg.data.decode == "gpu":  # the workers' half and the device half (decode, crop, resize) both count
-        transform, stage = method.encoded_views(cfg.objective, cfg.model) or (None, None)
-        if transform is None:
-            raise UserError(f"data.decode=gpu: {cfg.objective.name} has no GPU input path yet (mae and cae with "
-                            "pixel targets have)")
+    # with data.decode=gpu the workers' half and the device half (decode, crop, resize) both count
+    transform, stage = method.input_transforms(cfg.objective, cfg.model, cfg.data.decode)
     batches = iter(build_train_loader(cfg.data, plan, transform, rank=0, world_size=1))
 
     def take() -> None:

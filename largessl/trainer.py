@@ -86,7 +86,9 @@ class Trainer:
                                           accumulation=self.accumulation, world_size=self.env.world_size,
                                           grad_clip=cfg.optim.grad_clip)
         self.objective_cls = objective_class(cfg.objective.name)
-        self.worker_transform = self._sample_transform()  # data.decode=gpu without a GPU path: said before the build
+        # data.decode=gpu without a GPU path is said here, before the build
+        self.worker_transform, self.device_stage = self.objective_cls.input_transforms(cfg.objective, cfg.model,
+                                                                                       cfg.data.decode)
         self.note(f"building {cfg.objective.name} on {cfg.model.name}"
                   + (f", partitioned over {self.env.world_size} rank(s) (ZeRO-3)" if self.zero_stage == 3 else ""))
         rng.seed_everything(cfg.trainer.seed)  # identical initial weights on every rank
@@ -121,18 +123,6 @@ class Trainer:
         """A line on stdout from rank 0 (the other ranks would print the same)."""
         if self.env.is_main:
             say(message)
-
-    def _sample_transform(self) -> Any:
-        """The workers' per-sample transform; with data.decode=gpu its worker half, and the device half kept."""
-        cfg = self.cfg
-        if cfg.data.decode == "cpu":
-            return self.objective_cls.sample_transform(cfg.objective, cfg.model)
-        views = self.objective_cls.encoded_views(cfg.objective, cfg.model)
-        if views is None:
-            raise UserError(f"data.decode=gpu: {cfg.objective.name} has no GPU input path yet (mae and cae with "
-                            "pixel targets have); use data.decode=cpu")
-        worker, self.device_stage = views
-        return worker
 
     def _start_loader(self) -> Any:
         cfg = self.cfg

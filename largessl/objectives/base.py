@@ -59,6 +59,19 @@ class Objective(nn.Module):
         return None
 
     @classmethod
+    def input_transforms(cls, cfg: Any, model_cfg: ModelConfig, decode: str) -> tuple[Callable, Callable | None]:
+        """(the DataLoader workers' per-sample transform, the device stage or None) for data.decode."""
+        if decode == "cpu":
+            return cls.sample_transform(cfg, model_cfg), None
+        views = cls.encoded_views(cfg, model_cfg)
+        if views is None:
+            from largessl.errors import UserError
+
+            raise UserError(f"data.decode=gpu: {cls.name} has no GPU input path yet (mae and cae with pixel targets "
+                            "have); use data.decode=cpu")
+        return views
+
+    @classmethod
     def encoder_layout(cls, cfg: Any) -> dict[str, Any]:
         """ViTEncoder keyword arguments that make this method's encoder (position table, init, layer scale, final
         norm); the evaluation protocols build a run's encoder from them."""
