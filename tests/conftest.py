@@ -93,6 +93,18 @@ def imagenette_shards(imagenette_dir: Path, tmp_path_factory: pytest.TempPathFac
     return write_shards(imagenette_dir / "val", out, "val", 1000)
 
 
+@pytest.fixture(scope="session")
+def imagenette_112(imagenette_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full Imagenette shrunk to at most 112 px (`--max-size 112`, as docs/benchmarks.md): about 40 s."""
+    from data_tools.__main__ import main
+
+    out = tmp_path_factory.mktemp("imagenette-112") / "shards"
+    for split in ("train", "val"):
+        assert main(["imagefolder", str(imagenette_dir / split), str(out), "--split", split, "--max-size", "112",
+                     "--workers", "2"]) == 0
+    return out
+
+
 def child_env(workdir: Path) -> dict[str, str]:
     """Environment for a largessl child process: its MLflow store and run directories live in `workdir`."""
     env = dict(os.environ)
