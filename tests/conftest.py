@@ -58,12 +58,12 @@ def uneven_dataset(out: Path, sizes: list[int], corrupt_at: int | None = None) -
     return out
 
 
-def write_shards(src: Path, out: Path, split: str, per_shard: int) -> Path:
+def write_shards(src: Path, out: Path, split: str, per_shard: int | None, *options: str) -> Path:
+    """`data_tools imagefolder` of one split (per_shard None: the converter's default shard size)."""
     from data_tools.__main__ import main
 
-    code = main(["imagefolder", str(src), str(out), "--split", split, "--samples-per-shard", str(per_shard),
-                 "--workers", "2"])
-    assert code == 0
+    sizing = ["--samples-per-shard", str(per_shard)] if per_shard else []
+    assert main(["imagefolder", str(src), str(out), "--split", split, *sizing, "--workers", "2", *options]) == 0
     return out
 
 
@@ -96,13 +96,9 @@ def imagenette_shards(imagenette_dir: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def imagenette_112(imagenette_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The full Imagenette shrunk to at most 112 px (`--max-size 112`, as docs/benchmarks.md): about 40 s."""
-    from data_tools.__main__ import main
-
     out = tmp_path_factory.mktemp("imagenette-112") / "shards"
-    for split in ("train", "val"):
-        assert main(["imagefolder", str(imagenette_dir / split), str(out), "--split", split, "--max-size", "112",
-                     "--workers", "2"]) == 0
-    return out
+    write_shards(imagenette_dir / "train", out, "train", None, "--max-size", "112")
+    return write_shards(imagenette_dir / "val", out, "val", None, "--max-size", "112")
 
 
 def child_env(workdir: Path) -> dict[str, str]:

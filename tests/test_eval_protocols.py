@@ -283,10 +283,13 @@ PROBE = ["data.micro_batch_size=50", "optim.global_batch_size=50", "optim.warmup
          "distributed.precision=fp32", "trainer.log_every=1", "data.shuffle_buffer=100"]
 
 
-def pretrain_mae(shards: Path, workdir: Path, name: str, steps: int, *extra: str) -> Path:
+def pretrain_mae(shards: Path, workdir: Path, name: str, steps: int, *extra: str,
+                 env: dict[str, str] | None = None) -> Path:
+    """A `debug/mae_vit_tiny` run of `steps` steps in workdir/runs/NAME (the later of two overrides wins)."""
     ok(run_largessl(["pretrain", "--config", "debug/mae_vit_tiny", f"data.train={shards}", f"data.val={shards}",
                      f"run.name={name}", f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}",
-                     "data.num_workers=1", "data.micro_batch_size=32", "optim.global_batch_size=32", *extra], workdir))
+                     "data.num_workers=1", "data.micro_batch_size=32", "optim.global_batch_size=32", *extra], workdir,
+                    env=env))
     return workdir / "runs" / name
 
 
@@ -395,20 +398,18 @@ def test_each_protocol_beats_chance_and_resumes_after_sigkill_with_the_same_loss
 def test_linear_probe_of_a_short_mae_run_beats_the_probe_of_its_random_init(imagenette_112: Path,
                                                                             tmp_path: Path) -> None:
     env = {**child_env(tmp_path), "OMP_NUM_THREADS": "2"}  # alone on the machine: both cores
-    common = [f"data.train={imagenette_112}", f"data.val={imagenette_112}", "data.micro_batch_size=64",
-              "optim.global_batch_size=64", "data.num_workers=1", "data.shuffle_buffer=1000", "eval.knn_every=0",
-              "tracking.enabled=false"]
-    for name, steps in (("mae", 500), ("init", 1)):  # init: one step at lr 0 (the warm-up starts at 0)
-        ok(run_largessl(["pretrain", "--config", "debug/mae_vit_tiny", *common, f"run.name={name}",
-                         f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}"], tmp_path, env=env))
+    common = ["data.micro_batch_size=64", "optim.global_batch_size=64", "data.shuffle_buffer=1000",
+              "eval.knn_every=0", "tracking.enabled=false"]
+    runs = {name: pretrain_mae(imagenette_112, tmp_path, name, steps, *common, env=env)
+            for name, steps in (("mae", 500), ("init", 1))}  # init: one step at lr 0 (the warm-up starts at 0)
     # the docs/benchmarks.md probe (SGD: LARS hardly moves a head in a few hundred steps), 80 steps of 256 images
     probe = ["optim.name=sgd", "optim.base_lr=1.0", "optim.momentum=0.9", "optim.global_batch_size=256",
              "data.micro_batch_size=256", "data.num_workers=1", "trainer.epochs=null", "trainer.max_steps=80",
              "optim.warmup_epochs=null", "optim.warmup_steps=10", "distributed.precision=fp32",
              "tracking.enabled=false"]
     top1 = {}
-    for name in ("mae", "init"):
-        result = ok(run_largessl(["eval", "linear", "--checkpoint", str(tmp_path / "runs" / name), "--train",
+    for name, run in runs.items():
+        result = ok(run_largessl(["eval", "linear", "--checkpoint", str(run), "--train",
                                   str(imagenette_112), "--val", str(imagenette_112), *probe], tmp_path, env=env))
         top1[name] = float(result.stdout.strip().splitlines()[-1].split()[-1])
     print(f"linear_top1 on 3,925 val images: MAE 500 steps {top1['mae']:.4f}, random init {top1['init']:.4f}")
