@@ -1,5 +1,5 @@
-"""The GPU input path (`data.decode: gpu`; MAE, CAE with pixel targets): workers draw the augmentation, the device
-decodes and applies it.
+"""The GPU input path (`data.decode: gpu`; MAE and CAE here, DINO and SIM in data/gpu_views.py): workers draw
+the augmentation, the device decodes and applies it.
 
 On the CPU path a DataLoader worker decodes each JPEG and augments it (data/transforms.py). At MAE ViT-B speeds that
 is the bottleneck (../shared/docs/performance.md section 5), so here the worker only reads the JPEG's header, draws
@@ -27,6 +27,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from largessl.console import err_line
+from largessl.data.gpu_colour import lanczos_resize
 from largessl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 JPEG_EXTENSIONS = ("jpg", "jpeg")
@@ -72,7 +73,8 @@ class MAEEncodedTransform:
 
 
 class CAEEncodedTransform:
-    """The worker half of CAETransform (pixel targets): its crop box, flip and block mask, drawn in its order."""
+    """The worker half of CAETransform: its crop box, flip and block mask, drawn in its order (the tokenizer view
+    of a DALL-E target draws nothing)."""
 
     def __init__(self, num_patches_side: int, num_masked: int, crop_scale: tuple[float, float], *,
                  min_num_patches: int) -> None:
@@ -101,30 +103,49 @@ def collate_encoded(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 
 
 class DeviceViews:
-    """The device half: decode the batch's JPEGs, then crop, resize, flip and normalise each into "image"."""
+    """The device half: decode the batch's JPEGs, then crop, resize, flip and normalise each into "image"; with a
+    `tokenizer_size`, also CAE's DALL-E view of the same crop and flip, Lanczos-resized, in [0, 1]."""
 
     host_keys = ("jpeg", "jpeg_length")  # decode_jpeg reads its input from host memory: the trainer leaves them there
 
-    def __init__(self, image_size: int) -> None:
-        self.size = [image_size, image_size]
+    def __init__(self, image_size: int, tokenizer_size: int = 0) -> None:
+        self.size, self.tokenizer_size = image_size, tokenizer_size
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = batch["crop_box"].device
         images = decode_all(batch.pop("jpeg"), batch.pop("jpeg_length").tolist(), device)
         batch["valid"] = torch.tensor([image is not None for image in images], device=device)
-        views = [self.view(image, box, flip, device) for image, box, flip in
-                 zip(images, batch.pop("crop_box").tolist(), batch.pop("flip").tolist(), strict=True)]
-        batch["image"] = torch.stack(views)
+        boxes, flips = batch.pop("crop_box").tolist(), batch.pop("flip").tolist()
+        images = [or_black(image, box, device) for image, box in zip(images, boxes, strict=True)]
+        batch["image"] = torch.stack([normalize(crop(image, box, flip, self.size))
+                                      for image, box, flip in zip(images, boxes, flips, strict=True)])
+        if self.tokenizer_size > 0:
+            batch["tokenizer_image"] = torch.stack([tokenizer_view(image, box, flip, self.tokenizer_size)
+                                                    for image, box, flip in zip(images, boxes, flips, strict=True)])
         return batch
 
-    def view(self, image: torch.Tensor | None, box: list[int], flip: bool, device: torch.device) -> torch.Tensor:
-        if image is None:  # its box was drawn for the real size: crop what there is of a black image that size
-            image = torch.zeros(3, box[0] + box[2], box[1] + box[3], dtype=torch.uint8, device=device)
-        top, left, height, width = box
-        crop = TF.resized_crop(image, top, left, height, width, self.size, interpolation=InterpolationMode.BICUBIC,
-                               antialias=True)
-        crop = TF.horizontal_flip(crop) if flip else crop
-        return normalize(crop)
+
+def or_black(image: torch.Tensor | None, box: list[int], device: torch.device) -> torch.Tensor:
+    """A JPEG that did not decode stands as a black image just large enough for its box (drawn for the real
+    size)."""
+    if image is not None:
+        return image
+    return torch.zeros(3, box[0] + box[2], box[1] + box[3], dtype=torch.uint8, device=device)
+
+
+def crop(image: torch.Tensor, box: list[int], flip: bool, size: int) -> torch.Tensor:
+    """[3, size, size] uint8: the box (top, left, height, width) resized (bicubic, antialiased), then flipped."""
+    top, left, height, width = box
+    view = TF.resized_crop(image, top, left, height, width, [size, size], interpolation=InterpolationMode.BICUBIC,
+                           antialias=True)
+    return TF.horizontal_flip(view) if flip else view
+
+
+def tokenizer_view(image: torch.Tensor, box: list[int], flip: bool, size: int) -> torch.Tensor:
+    """CAETransform's tokenizer view: the crop at full resolution, flipped, PIL-Lanczos-resized, in [0, 1]."""
+    top, left, height, width = box
+    region = image[:, top: top + height, left: left + width]
+    return lanczos_resize(TF.horizontal_flip(region) if flip else region, size).float() / 255
 
 
 def normalize(image_uint8: torch.Tensor) -> torch.Tensor:

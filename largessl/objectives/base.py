@@ -67,8 +67,8 @@ class Objective(nn.Module):
         if views is None:
             from largessl.errors import UserError
 
-            raise UserError(f"data.decode=gpu: {cls.name} has no GPU input path yet (mae and cae with pixel targets "
-                            "have); use data.decode=cpu")
+            raise UserError(f"data.decode=gpu: {cls.name} has no GPU input path (the pretraining methods "
+                            "have one); use data.decode=cpu")
         return views
 
     @classmethod

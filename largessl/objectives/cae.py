@@ -156,13 +156,12 @@ class CAE(Objective):
                                       min_num_patches=cfg.min_block_patches)
 
     @classmethod
-    def encoded_views(cls, cfg: CAEConfig, model_cfg: ModelConfig) -> tuple[Callable, Callable] | None:
-        """Pixel targets only: the tokenizer's Lanczos view of the crop has no device equivalent yet."""
-        if cfg.target == "dalle":
-            return None
+    def encoded_views(cls, cfg: CAEConfig, model_cfg: ModelConfig) -> tuple[Callable, Callable]:
         grid = model_cfg.image_size // model_cfg.patch_size
+        tokenizer_size = grid * TOKENIZER_PATCH if cfg.target == "dalle" else 0
         return (CAEEncodedTransform(grid, cfg.masked_count(model_cfg), cfg.crop_scale,
-                                    min_num_patches=cfg.min_block_patches), DeviceViews(model_cfg.image_size))
+                                    min_num_patches=cfg.min_block_patches),
+                DeviceViews(model_cfg.image_size, tokenizer_size))
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"regressor.mask_token"}

@@ -22,12 +22,14 @@ Reference: https://github.com/facebookresearch/dino/blob/main/main_dino.py (DINO
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largessl.data.gpu_views import DINOEncodedTransform, dino_device_views
 from largessl.data.multicrop import MultiCropTransform
 from largessl.distributed import comm
 from largessl.models import flops
@@ -115,6 +117,13 @@ class DINO(Objective):
         return MultiCropTransform(global_size=model_cfg.image_size, local_size=cfg.local_crop_size,
                                   num_local=cfg.local_crops, global_scale=cfg.global_crop_scale,
                                   local_scale=cfg.local_crop_scale)
+
+    @classmethod
+    def encoded_views(cls, cfg: DINOConfig, model_cfg: ModelConfig) -> tuple[Callable, Callable]:
+        return (DINOEncodedTransform(global_size=model_cfg.image_size, local_size=cfg.local_crop_size,
+                                     num_local=cfg.local_crops, global_scale=cfg.global_crop_scale,
+                                     local_scale=cfg.local_crop_scale),
+                dino_device_views(model_cfg.image_size, cfg.local_crop_size))
 
     # ----------------------------------------------------------------- what the trainer asks
 

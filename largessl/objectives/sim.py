@@ -30,6 +30,7 @@ compute_unigrad_loss, mm_update); https://github.com/fundamentalvision/UniGrad (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from largessl.data.gpu_views import SIMEncodedTransform, sim_device_views
 from largessl.data.siamese import SIMTransform
 from largessl.distributed import comm
 from largessl.models import flops
@@ -187,6 +189,12 @@ class SIM(Objective):
         return SIMTransform(model_cfg.image_size, model_cfg.image_size // model_cfg.patch_size,
                             cfg.masked_count(model_cfg), crop_scale=cfg.crop_scale,
                             min_num_patches=cfg.min_block_patches)
+
+    @classmethod
+    def encoded_views(cls, cfg: SIMConfig, model_cfg: ModelConfig) -> tuple[Callable, Callable]:
+        return (SIMEncodedTransform(model_cfg.image_size // model_cfg.patch_size, cfg.masked_count(model_cfg),
+                                    crop_scale=cfg.crop_scale, min_num_patches=cfg.min_block_patches),
+                sim_device_views(model_cfg.image_size))
 
     # ----------------------------------------------------------------- what the trainer asks
 
