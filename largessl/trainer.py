@@ -321,7 +321,7 @@ class Trainer:
             host = getattr(self.device_stage, "host_keys", ())  # what the device stage reads from host memory
             batch = {k: v if k in host else v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
             if self.device_stage is not None:
-                batch = self.device_stage(batch)
+                batch = self.device_stage(batch, self.env.device)
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             grad_norm = self.engine.step(want_norm)

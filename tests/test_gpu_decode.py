@@ -27,6 +27,7 @@ from largessl.data.transforms import CAETransform, MAETransform
 from largessl.rng import seed_everything
 
 SIZE, PATCHES = 96, 36
+CPU = torch.device("cpu")
 
 
 def raw_samples(shards: Path, count: int = 8) -> list[dict]:
@@ -47,7 +48,7 @@ def both_paths(method: str, sample: dict, seed: int, seed_gpu: int | None = None
     seed_everything(seed)
     cpu = cpu_transform()(decode_image(sample))
     seed_everything(seed if seed_gpu is None else seed_gpu)
-    gpu = DeviceViews(SIZE)(collate_encoded([worker()(EncodedImage.of(sample))]))
+    gpu = DeviceViews(SIZE)(collate_encoded([worker()(EncodedImage.of(sample))]), CPU)
     return cpu, {key: value[0] for key, value in gpu.items()}
 
 
@@ -85,7 +86,7 @@ def test_what_the_worker_cannot_pass_on_is_refused_and_a_bad_body_becomes_black(
     broken = good[:scan] + b"\xff\xd9"
     assert decode_image({"jpg": broken}) is None  # the CPU path skips it; the device stage blacks it out
     items = [MAEEncodedTransform(32, (1.0, 1.0), 4)(EncodedImage.of({"jpg": data})) for data in (good, broken, grey)]
-    batch = DeviceViews(32)(collate_encoded(items))
+    batch = DeviceViews(32)(collate_encoded(items), CPU)
     assert batch["valid"].tolist() == [True, False, True] and batch["image"].shape == (3, 3, 32, 32)
     black = (torch.zeros(3, 1, 1) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
         [0.229, 0.224, 0.225])[:, None, None]

@@ -27,6 +27,7 @@ from largessl.data.transforms import CAETransform
 from largessl.rng import seed_everything
 
 SIZE, LOCAL = 64, 32
+CPU = torch.device("cpu")
 
 
 def one_view_reference(image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ def test_the_views_match_the_cpu_paths(mini_shards: Path, method: str) -> None:
             assert torch.equal(cpu_out["mask"], item["mask"]) and torch.equal(cpu_out["geometry"], item["geometry"])
         cpu_views.append(cpu_out)
         items.append(item)
-    batch = device(collate_encoded(items))
+    batch = device(collate_encoded(items), CPU)
     assert bool(batch["valid"].all())
     for key in keys:
         expected = torch.stack([views[key] for views in cpu_views])
@@ -117,7 +118,7 @@ def test_caes_tokenizer_view_is_pils_lanczos_of_the_same_crop(mini_shards: Path)
     worker = CAEEncodedTransform(4, 6, (0.08, 1.0), min_num_patches=2)
     pairs = [same_rng_after(cpu, worker, decode_image(sample), EncodedImage.of(sample), 300 + number)
              for number, sample in enumerate(raw_samples(mini_shards))]
-    batch = DeviceViews(SIZE, tokenizer_size=32)(collate_encoded([item for _, item in pairs]))
+    batch = DeviceViews(SIZE, tokenizer_size=32)(collate_encoded([item for _, item in pairs]), CPU)
     expected = torch.stack([cpu_out["tokenizer_image"] for cpu_out, _ in pairs])
     assert batch["tokenizer_image"].shape == expected.shape == (8, 3, 32, 32)
     levels = (batch["tokenizer_image"] - expected).abs() * 255

@@ -37,8 +37,8 @@ class DataConfig:
     """Pin host batches for faster copies to the GPU."""
     decode: str = "cpu"
     """Where JPEGs are decoded and augmented: cpu (DataLoader workers) or gpu (workers draw the augmentation, the
-    device decodes with nvJPEG and crops, resizes, flips; data/gpu_decode.py; MAE, and CAE with pixel targets; on
-    a machine without a GPU the same code runs on the CPU)."""
+    device decodes with nvJPEG and crops, resizes, flips and colours; data/gpu_decode.py and gpu_views.py; every
+    pretraining method; on a machine without a GPU the same code runs on the CPU)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
 

@@ -138,7 +138,6 @@ def gaussian_blur(images: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 def apply_colour(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """[V, 3, H, W] float in [0, 1] and [V, PARAMS] (ColourDraw) -> the views after jitter, greyscale, blur and
     solarisation, still in [0, 1] (normalising is the caller's)."""
-    params = params.to(images.device)
     images = jitter(images, params)
     images = torch.where(per_view(params[:, GREY] > 0), grey(images).expand_as(images), images)
     blurred = params[:, BLUR] > 0

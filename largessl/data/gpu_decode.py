@@ -106,13 +106,14 @@ class DeviceViews:
     """The device half: decode the batch's JPEGs, then crop, resize, flip and normalise each into "image"; with a
     `tokenizer_size`, also CAE's DALL-E view of the same crop and flip, Lanczos-resized, in [0, 1]."""
 
-    host_keys = ("jpeg", "jpeg_length")  # decode_jpeg reads its input from host memory: the trainer leaves them there
+    # Left in host memory by the trainer: decode_jpeg reads its input there, and the boxes and flips are read as
+    # Python numbers (from the device that would be a synchronisation per batch).
+    host_keys = ("jpeg", "jpeg_length", "crop_box", "flip")
 
     def __init__(self, image_size: int, tokenizer_size: int = 0) -> None:
         self.size, self.tokenizer_size = image_size, tokenizer_size
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = batch["crop_box"].device
+    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         images = decode_all(batch.pop("jpeg"), batch.pop("jpeg_length").tolist(), device)
         batch["valid"] = torch.tensor([image is not None for image in images], device=device)
         boxes, flips = batch.pop("crop_box").tolist(), batch.pop("flip").tolist()

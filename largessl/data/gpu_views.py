@@ -86,10 +86,10 @@ def render(images: list[torch.Tensor], boxes: torch.Tensor, colour: torch.Tensor
     """[B, V, 3, size, size] normalised views: image b's box v cropped, resized, flipped, coloured."""
     count, views = boxes.shape[:2]
     if views == 0:
-        return torch.empty(count, 0, 3, size, size, device=colour.device)
+        return torch.empty(count, 0, 3, size, size, device=images[0].device)
     crops = [crop(image, [int(v) for v in box[:4]], bool(box[4]), size)
              for image, image_boxes in zip(images, boxes.tolist(), strict=True) for box in image_boxes]
-    coloured = apply_colour(torch.stack(crops).float() / 255, colour.flatten(0, 1))
+    coloured = apply_colour(torch.stack(crops).float() / 255, colour.flatten(0, 1).to(crops[0].device))
     return normalize(coloured * 255).reshape(count, views, 3, size, size)
 
 
@@ -97,14 +97,13 @@ class RenderedViews:
     """The device half for DINO and SIM: decode the batch, then render each group of views (the batch key of its
     boxes and of its colour parameters -> its output key and size), marking what did not decode `valid` false."""
 
-    host_keys = ("jpeg", "jpeg_length", "image_size")
-
     def __init__(self, groups: dict[str, tuple[str, str, int]], split: dict[str, tuple[str, ...]] | None = None
                  ) -> None:
         self.groups, self.split = groups, split or {}
+        # left in host memory: what decode_jpeg and the crops read there (DeviceViews.host_keys)
+        self.host_keys = ("jpeg", "jpeg_length", "image_size", *groups)
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = batch["mask" if "mask" in batch else next(iter(self.groups))].device
+    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         decoded = decode_all(batch.pop("jpeg"), batch.pop("jpeg_length").tolist(), device)
         batch["valid"] = torch.tensor([image is not None for image in decoded], device=device)
         sizes = batch.pop("image_size").tolist()
