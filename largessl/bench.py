@@ -158,6 +158,7 @@ def data_only(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from largessl.data.build import build_train_loader, plan_training
+    from largessl.data.gpu_decode import to_device
     from largessl.data.index import open_split
     from largessl.data.loader import kill_workers
     from largessl.objectives import objective_class
@@ -174,7 +175,7 @@ def data_only(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     def take() -> None:
         batch = next(batches)
         if stage is not None:
-            stage({k: v if k in stage.host_keys else v.to(device) for k, v in batch.items()})
+            to_device(batch, device, stage)
             sync(device)
 
     try:

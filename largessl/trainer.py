@@ -18,6 +18,7 @@ from largessl.config.loader import flatten, to_dict
 from largessl.config.schema import PretrainConfig
 from largessl.console import err_line
 from largessl.data.build import build_eval_loader, build_train_loader, describe_plan, plan_training
+from largessl.data.gpu_decode import to_device
 from largessl.data.index import open_split
 from largessl.data.loader import DataPosition, kill_workers
 from largessl.data.transforms import EvalTransform
@@ -32,6 +33,7 @@ from largessl.health import FiniteGuard, decode_first_bad, diverged
 from largessl.launch import slurm
 from largessl.lifecycle import SaveClock, StopSignals
 from largessl.mfu import Speed
+from largessl.models.vit import compile_blocks
 from largessl.objectives import objective_class
 from largessl.optim.build import make_optimizer
 from largessl.optim.param_groups import build_param_groups
@@ -95,6 +97,8 @@ class Trainer:
         with model_init_context(self.ds_config):
             objective = self.objective_cls(cfg.objective, cfg.model)
         self.speed = Speed(objective, self.env.device, self.env.world_size, cfg.distributed.peak_tflops)
+        if cfg.model.compile:
+            self.note(f"model.compile: {compile_blocks(objective)} transformer blocks compiled on first use")
         self._load_initial_weights(objective)
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device,
@@ -318,10 +322,7 @@ class Trainer:
         grad_norm = None
         for _ in range(self.accumulation):
             batch = self.position.observe(next(batches))
-            host = getattr(self.device_stage, "host_keys", ())  # what the device stage reads from host memory
-            batch = {k: v if k in host else v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
-            if self.device_stage is not None:
-                batch = self.device_stage(batch, self.env.device)
+            batch = to_device(batch, self.env.device, self.device_stage)
             out = self.engine(batch)
             self.engine.backward(out["loss"])
             grad_norm = self.engine.step(want_norm)

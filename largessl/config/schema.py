@@ -104,6 +104,11 @@ class PretrainConfig:
                 "frozen encoder needs no optimizer state to partition)")
         require(self.optim.name == "adamw" or not self.distributed.offload, "optim.name",
                 f"{self.optim.name} with distributed.offload: CPU offload steps DeepSpeed's CPU AdamW only")
+        require(not self.optim.fused or not self.distributed.offload, "optim.fused",
+                "not with distributed.offload: CPU offload steps DeepSpeed's CPU AdamW")
+        require(not self.model.compile or self.distributed.zero_stage < 3, "model.compile",
+                "not with ZeRO-3 (its parameter-gathering hooks run inside each block): set distributed.zero_stage "
+                "to 0, 1 or 2, or model.compile=false")
         require(self.optim.global_batch_size % self.data.micro_batch_size == 0, "optim.global_batch_size",
                 f"{self.optim.global_batch_size} is not a multiple of data.micro_batch_size "
                 f"({self.data.micro_batch_size})")

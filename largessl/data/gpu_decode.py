@@ -126,6 +126,14 @@ class DeviceViews:
         return batch
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, stage: Any = None) -> dict[str, torch.Tensor]:
+    """A loader batch made ready for the objective: copied to `device` (non-blocking from pinned memory) except
+    what the device stage reads in host memory, then passed through that stage (data.decode=gpu)."""
+    host = getattr(stage, "host_keys", ())
+    batch = {k: v if k in host else v.to(device, non_blocking=True) for k, v in batch.items()}
+    return stage(batch, device) if stage is not None else batch
+
+
 def or_black(image: torch.Tensor | None, box: list[int], device: torch.device) -> torch.Tensor:
     """A JPEG that did not decode stands as a black image just large enough for its box (drawn for the real
     size)."""

@@ -30,6 +30,9 @@ class ModelConfig:
     """Recompute each transformer block in the backward pass (non-reentrant) to save activation memory."""
     drop_path_rate: float = 0.0
     """Stochastic depth, linearly increasing over depth (MAE pretraining uses 0)."""
+    compile: bool = False
+    """torch.compile each transformer block (inductor; the first steps pay the compilation, about a minute; ZeRO
+    0-2). Off until a GPU measurement says it helps (benchmarks/gpu_checks.sh times both)."""
 
     def validate(self, prefix: str = "model") -> None:
         match = MODEL_NAME.match(self.name)

@@ -36,6 +36,15 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool)
     return x
 
 
+def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile, in place, every transformer block in `module` (timm's and BEiT's Block; the parameter
+    names and the state dict stay as they are); returns how many. Identical blocks share one compiled graph."""
+    blocks = [m for m in module.modules() if isinstance(m, (Block, BEiTBlock))]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     """Stochastic depth rising linearly from 0 at the first block to `drop_path_rate` at the last."""
     return [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]

@@ -25,4 +25,4 @@ def make_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Op
             group["always_adapt"] = bool(group.get("scheduled_wd"))
             group["trust_coeff"] = 0.001
         return Lars(param_groups, lr=0.0, momentum=cfg.momentum, trust_coeff=0.001)
-    return torch.optim.AdamW(param_groups, lr=0.0, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(param_groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, fused=cfg.fused or None)

@@ -38,6 +38,10 @@ class OptimConfig:
     """AdamW betas (MAE uses 0.95 for beta2)."""
     eps: float = 1e-8
     """AdamW epsilon."""
+    fused: bool = False
+    """AdamW as torch's fused kernel (`AdamW(fused=True)`: one kernel per step over all tensors) instead of its
+    default multi-tensor (foreach) form; the same update. Off until a GPU measurement says it helps
+    (benchmarks/gpu_checks.sh times both)."""
     warmup_steps: int | None = 0
     """Optimizer steps of linear warmup from 0 to the peak lr, then a half-cycle cosine to min_lr."""
     warmup_epochs: float | None = None
@@ -58,6 +62,7 @@ class OptimConfig:
         require(self.weight_decay_end is None or self.weight_decay_end >= 0, f"{prefix}.weight_decay_end",
                 "must be >= 0 (or null for a constant weight decay)")
         require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "each beta must be in [0, 1)")
+        require(not self.fused or self.name == "adamw", f"{prefix}.fused", "applies to adamw only")
         check_pair(self, prefix, "warmup_epochs", "warmup_steps")
         require(self.warmup_steps is None or self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
         require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
