@@ -98,4 +98,21 @@ ours = lambda p, t, c: unigrad_loss(p, t, c, 0.02)["loss"]
 print(json.dumps({"check": "sim_loss_memory", "tokens": n, "dim": d, "released_nxn_gib": peak(released),
                   "ours_gib": peak(ours)}))
 EOF
+# 7. the GPU input path of the colour-augmented methods (issue 17): DINO and SIM, workers only vs CPU decode
+for m in DINO SIM; do
+  r=${!m}; lower=$(echo "$m" | tr 'A-Z' 'a-z')
+  # shellcheck disable=SC2046
+  bench "data_cpu_decode_$lower" 120 --config "$r" --data-only "${n[@]}" "${common[@]}" $(mb 64) \
+    data.num_workers=$workers
+  # shellcheck disable=SC2046
+  bench "data_gpu_decode_$lower" 120 --config "$r" --data-only "${n[@]}" "${common[@]}" $(mb 64) \
+    data.num_workers=$workers data.decode=gpu
+done
+# 8. the speed switches, each against the same synthetic MAE ViT-B/16 run of step 1 (kept only where they help)
+# shellcheck disable=SC2046
+bench mae_b_fused_adamw 150 --config $B --synthetic "${n[@]}" "${common[@]}" $(mb 256) distributed.zero_stage=2 \
+  optim.fused=true
+# shellcheck disable=SC2046
+bench mae_b_compiled 300 --config $B --synthetic "${n[@]}" "${common[@]}" $(mb 256) distributed.zero_stage=2 \
+  model.compile=true
 echo "=== done ($(date +%T))"

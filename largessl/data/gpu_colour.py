@@ -105,9 +105,10 @@ def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(hsv)
 
 
-def jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def jitter(images: torch.Tensor, params: torch.Tensor, hue_at: list[bool]) -> torch.Tensor:
     """ColorJitter with each view's own order: at each of the four positions, the operation that view puts there
-    (identity factors for the views that put another one there or skip the jitter)."""
+    (identity factors for the views that put another one there or skip the jitter); `hue_at`: whether any view
+    shifts the hue at that position (known on the host, so the device is never asked)."""
     order, factors = params[:, ORDER].long(), params[:, FACTORS]
     for position in range(4):
         chosen = [(order[:, position] == op) & (params[:, JITTER] > 0) for op in range(4)]
@@ -116,16 +117,15 @@ def jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         images = blend(images, torch.zeros_like(images), pick[0])  # brightness: towards black
         images = blend(images, grey(images).mean((1, 2, 3), keepdim=True), pick[1])  # contrast: towards mean grey
         images = blend(images, grey(images), pick[2])  # saturation: towards the view's grey
-        if bool(chosen[3].any()):
+        if hue_at[position]:
             images = torch.where(per_view(chosen[3]), shift_hue(images, pick[3]), images)
     return images
 
 
-def gaussian_blur(images: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(images: torch.Tensor, radius: torch.Tensor, half: int) -> torch.Tensor:
     """Each view blurred by a Gaussian of standard deviation `radius` (PIL's GaussianBlur radius), separable,
-    edges replicated; one kernel width for the batch, 3 standard deviations of the largest radius each side."""
+    edges replicated, over 2 x `half` + 1 pixels."""
     views, channels, height, width = images.shape
-    half = math.ceil(3 * float(radius.max()))
     offsets = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
     kernel = torch.exp(-0.5 * (offsets[None] / radius[:, None].to(images.dtype)) ** 2)
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # [V x C, K]
@@ -136,13 +136,18 @@ def gaussian_blur(images: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 
 
 def apply_colour(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """[V, 3, H, W] float in [0, 1] and [V, PARAMS] (ColourDraw) -> the views after jitter, greyscale, blur and
-    solarisation, still in [0, 1] (normalising is the caller's)."""
-    images = jitter(images, params)
+    """[V, 3, H, W] float in [0, 1] on the device and [V, PARAMS] (ColourDraw) in host memory -> the views after
+    jitter, greyscale, blur and solarisation, still in [0, 1] (normalising is the caller's). What only decides
+    which operations run (any hue shift at a position, any blur, the kernel width: 3 standard deviations of the
+    largest radius each side) is read from the host copy."""
+    host, params = params.cpu(), params.to(images.device, non_blocking=True)
+    jittered = host[:, JITTER] > 0
+    hue_at = [bool(((host[:, ORDER][:, position] == 3) & jittered).any()) for position in range(4)]
+    images = jitter(images, params, hue_at)
     images = torch.where(per_view(params[:, GREY] > 0), grey(images).expand_as(images), images)
-    blurred = params[:, BLUR] > 0
-    if bool(blurred.any()):
-        images = torch.where(per_view(blurred), gaussian_blur(images, params[:, RADIUS]), images)
+    if bool((host[:, BLUR] > 0).any()):
+        half = math.ceil(3 * float(host[host[:, BLUR] > 0, RADIUS].max()))
+        images = torch.where(per_view(params[:, BLUR] > 0), gaussian_blur(images, params[:, RADIUS], half), images)
     solarised = per_view(params[:, SOLARIZE] > 0) & (images >= 128 / 255)  # PIL: pixels >= 128 inverted
     return torch.where(solarised, 1 - images, images)
 

@@ -89,7 +89,7 @@ def render(images: list[torch.Tensor], boxes: torch.Tensor, colour: torch.Tensor
         return torch.empty(count, 0, 3, size, size, device=images[0].device)
     crops = [crop(image, [int(v) for v in box[:4]], bool(box[4]), size)
              for image, image_boxes in zip(images, boxes.tolist(), strict=True) for box in image_boxes]
-    coloured = apply_colour(torch.stack(crops).float() / 255, colour.flatten(0, 1).to(crops[0].device))
+    coloured = apply_colour(torch.stack(crops).float() / 255, colour.flatten(0, 1))
     return normalize(coloured * 255).reshape(count, views, 3, size, size)
 
 
@@ -100,8 +100,8 @@ class RenderedViews:
     def __init__(self, groups: dict[str, tuple[str, str, int]], split: dict[str, tuple[str, ...]] | None = None
                  ) -> None:
         self.groups, self.split = groups, split or {}
-        # left in host memory: what decode_jpeg and the crops read there (DeviceViews.host_keys)
-        self.host_keys = ("jpeg", "jpeg_length", "image_size", *groups)
+        # left in host memory: what decode_jpeg, the crops and the colour operations read there (DeviceViews)
+        self.host_keys = ("jpeg", "jpeg_length", "image_size", *groups, *(colour for colour, _, _ in groups.values()))
 
     def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         decoded = decode_all(batch.pop("jpeg"), batch.pop("jpeg_length").tolist(), device)
