@@ -41,6 +41,15 @@ class EncodedImage:
     def __init__(self, data: bytes, width: int, height: int) -> None:
         self.data, self.size = data, (width, height)
 
+    def tensor(self) -> torch.Tensor:
+        """The JPEG bytes as a uint8 tensor (what the batch carries to decode_jpeg)."""
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
+
+    def stand_in(self) -> torch.Tensor:
+        """What the crop-box draws read of an image: its size (a zero-stride [1, H, W] tensor)."""
+        width, height = self.size
+        return torch.zeros(()).expand(1, height, width)
+
     @classmethod
     def of(cls, sample: dict[str, Any]) -> EncodedImage | None:
         data = next((sample[ext] for ext in JPEG_EXTENSIONS if ext in sample), None)
@@ -64,10 +73,9 @@ class MAEEncodedTransform:
         self.num_patches = num_patches
 
     def __call__(self, image: EncodedImage) -> dict[str, torch.Tensor]:
-        width, height = image.size
-        box = self.crop.make_params([torch.zeros(()).expand(1, height, width)])  # only its size is read
+        box = self.crop.make_params([image.stand_in()])  # only its size is read
         flip = torch.rand(1) < 0.5
-        return {"jpeg": torch.frombuffer(bytearray(image.data), dtype=torch.uint8),
+        return {"jpeg": image.tensor(),
                 "crop_box": torch.tensor([box["top"], box["left"], box["height"], box["width"]]),
                 "flip": flip[0], "mask_noise": torch.rand(self.num_patches)}
 
@@ -84,11 +92,9 @@ class CAEEncodedTransform:
         self.masks = BlockMaskGenerator(num_patches_side, num_masked, min_num_patches=min_num_patches, variant="exact")
 
     def __call__(self, image: EncodedImage) -> dict[str, torch.Tensor]:
-        width, height = image.size
-        top, left, h, w = v2.RandomResizedCrop.get_params(torch.zeros(()).expand(1, height, width), self.crop_scale,
-                                                          self.crop_ratio)
+        top, left, h, w = v2.RandomResizedCrop.get_params(image.stand_in(), self.crop_scale, self.crop_ratio)
         flip = torch.rand(1) < 0.5
-        return {"jpeg": torch.frombuffer(bytearray(image.data), dtype=torch.uint8),
+        return {"jpeg": image.tensor(),
                 "crop_box": torch.tensor([top, left, h, w]), "flip": flip[0], "mask": self.masks()}
 
 

@@ -21,16 +21,6 @@ from largessl.data.masking import BlockMaskGenerator
 from largessl.data.siamese import CROP_RATIO, ViewBox, relative_geometry
 
 
-def jpeg_tensor(image: EncodedImage) -> torch.Tensor:
-    return torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-
-
-def stand_in(image: EncodedImage) -> torch.Tensor:
-    """What the crop-box draws read of an image: its size (a zero-stride [1, H, W] tensor)."""
-    width, height = image.size
-    return torch.zeros(()).expand(1, height, width)
-
-
 class DINOEncodedTransform:
     """The worker half of MultiCropTransform: for each global view, then each local view, its RandomResizedCrop
     box, its flip and its colour draws ("global_boxes" [2, 5], "local_boxes" [L, 5] as top, left, height, width,
@@ -49,12 +39,12 @@ class DINOEncodedTransform:
         return [box["top"], box["left"], box["height"], box["width"], flip], colour()
 
     def __call__(self, image: EncodedImage) -> dict[str, torch.Tensor]:
-        source = stand_in(image)
+        source = image.stand_in()
         views = [self.view(self.global_crop, colour, source) for colour in self.global_colour]
         views += [self.view(self.local_crop, self.local_colour, source) for _ in range(self.num_local)]
         boxes = torch.tensor([box for box, _ in views]).reshape(-1, 5)
         colour = torch.stack([params for _, params in views])
-        return {"jpeg": jpeg_tensor(image), "image_size": torch.tensor(image.size[::-1]),
+        return {"jpeg": image.tensor(), "image_size": torch.tensor(image.size[::-1]),
                 "global_boxes": boxes[:2], "local_boxes": boxes[2:],
                 "global_colour": colour[:2], "local_colour": colour[2:]}
 
@@ -72,12 +62,12 @@ class SIMEncodedTransform:
     def __call__(self, image: EncodedImage) -> dict[str, torch.Tensor]:
         width = image.size[0]
         flips = [torch.rand(1).item() < 0.5 for _ in range(2)]
-        drawn = [ViewBox(flip, *v2.RandomResizedCrop.get_params(stand_in(image), self.crop_scale, list(CROP_RATIO)))
+        drawn = [ViewBox(flip, *v2.RandomResizedCrop.get_params(image.stand_in(), self.crop_scale, list(CROP_RATIO)))
                  for flip in flips]
         colour = torch.stack([draw() for draw in self.colour])
         boxes = [[box.top, width - box.left - box.width if box.flip else box.left, box.height, box.width,
                   float(box.flip)] for box in drawn]
-        return {"jpeg": jpeg_tensor(image), "image_size": torch.tensor(image.size[::-1]),
+        return {"jpeg": image.tensor(), "image_size": torch.tensor(image.size[::-1]),
                 "boxes": torch.tensor(boxes), "colour": colour, "mask": self.masks(),
                 "geometry": relative_geometry(drawn[0], drawn[1], width)}
 
