@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_SHARDS := demo/shards
+TEST_JOBS ?= 2
 
 .PHONY: install demo demo-compare test test-all lint clean-demo
 
@@ -42,11 +43,12 @@ demo-compare: install
 		> /dev/null
 	@echo "picture: runs/compare.png; page with the tables: runs/compare.html"
 
+# TEST_JOBS test processes (pytest-xdist); each module's tests stay in one of them (tests/conftest.py).
 test: install
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n $(TEST_JOBS) --dist loadgroup
 
 test-all: install
-	$(PY) -m pytest -q --runslow
+	$(PY) -m pytest -q --runslow --durations=25 -n $(TEST_JOBS) --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check largessl data_tools tests

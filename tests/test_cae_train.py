@@ -34,7 +34,7 @@ def mean(values: list[float]) -> float:
 # ----------------------------------------------------------------------------- one process on Imagenette
 
 
-@pytest.mark.slow  # ~50 s alone (103 s in a loaded CI); in the default suite the bf16 runs below must lower the loss
+@pytest.mark.slow  # ~50 s alone (103 s in a loaded CI); in the default suite the ZeRO-3 bf16 run below must lower the loss
 def test_both_loss_terms_fall_over_100_steps_on_imagenette(imagenette_shards: Path, tmp_path: Path) -> None:
     # 32 images per step (one micro-batch, no accumulation) keeps 100 steps near a minute on 2 cores.
     ok(run_largessl(cae_run(imagenette_shards, "in", "optim.global_batch_size=32", "trainer.max_steps=100",
@@ -91,7 +91,7 @@ def test_two_processes_at_zero2_and_zero3_match_one_process(one_process: Path, m
         assert two[6]["knn_top1"] == pytest.approx(one[6]["knn_top1"], abs=0.011), name  # 200 queries
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # 41 s each; ZeRO-3 by default
 def test_bf16_run_is_finite_and_close_to_fp32(stage: int, one_process: Path, mini_shards: Path,
                                               tmp_path: Path) -> None:
     # The same 6 steps as the fp32 one-process run, in bf16 (ZeRO-2: the cae_vitb16/l16 recipes; ZeRO-3: vith14).

@@ -23,6 +23,8 @@ import pytest
 import torch
 from conftest import child_env, free_port, read_metrics, run_largessl
 
+from largessl.checkpoint import newest_complete
+
 DEBUG = ["pretrain", "--config", "debug/mae_vit_tiny"]
 EXIT_BOUND = 60  # seconds from the failure to the end of the job, on 2 busy cores
 
@@ -190,9 +192,10 @@ def test_killing_torchrun_leaves_no_rank_and_the_rerun_resumes(mini_shards: Path
 
 
 def progress(run: Path) -> tuple[int, int]:
-    """(step of the newest checkpoint, last step in metrics.jsonl) of a run directory."""
-    latest = run / "checkpoints" / "latest"
-    saved = int(latest.read_text()[5:]) if latest.is_file() else 0
+    """(step of the newest complete checkpoint, last step in metrics.jsonl) of a run directory. Complete, as resuming
+    sees it: a kill after a checkpoint's marker but before `latest` moves leaves that checkpoint the one to resume."""
+    tag = newest_complete(run / "checkpoints") if (run / "checkpoints").is_dir() else ""
+    saved = int(tag[5:]) if tag else 0
     return saved, max(read_metrics(run), default=0)
 
 

@@ -89,6 +89,7 @@ def test_mlflow_sqlite_contents(imagenette_run: Path) -> None:
     assert {"config.yaml", "ds_config.json"} <= artifacts
 
 
+@pytest.mark.slow  # 46 s (3,925 queries); test_dino_train.py runs `eval knn` on a checkpoint in the default suite
 def test_knn_eval_command_is_above_chance(imagenette_run: Path, imagenette_shards: Path, mini_shards: Path) -> None:
     # Queries: Imagenette's 3,925 val images; neighbours: the 500 bundled train images (CPU time).
     result = ok(run_largessl(["eval", "knn", "--checkpoint", "runs/in", "--train", str(mini_shards),
