@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from largessl import checkpoint
+from largessl import checkpoint, rng
+from largessl.data.loader import DataPosition
 from largessl.distributed import comm
 from largessl.errors import SharedError, UserError, is_lost_peer, one_line
 from largessl.health import diverged
@@ -116,3 +117,25 @@ def set_aside_damaged(run: RunDir, choice: checkpoint.Choice) -> None:
     for tag in choice.unusable:
         moved = checkpoint.set_aside(run.ckpt_dir, tag)
         say(f"checkpoints: moved the damaged {tag} to {moved}")
+
+
+def resumed_position(client_state: dict[str, Any], plan: Any, *, rank: int, world_size: int, num_workers: int,
+                     micro_batch_size: int, accumulation: int) -> tuple[DataPosition, str]:
+    """This rank's data position after a resume, its RNG restored; and, when the world size, the workers or the
+    micro-batch changed since the checkpoint, a line that says so and whether the data order continues exactly
+    ('' when nothing changed: then each rank takes back its own saved position and RNG)."""
+    same_layout = (client_state["world_size"] == world_size and client_state["num_workers"] == num_workers
+                   and client_state["micro_batch_size"] == micro_batch_size)
+    if same_layout:
+        rng.restore_rng(client_state["rng"][rank])
+        return DataPosition.from_state_dict(client_state["data"][rank]), ""
+    step = int(client_state["step"])
+    position, exact = DataPosition.continued(
+        plan, samples=int(client_state["samples_seen"]), epoch=float(client_state["epoch"]), rank=rank,
+        world_size=world_size, num_workers=num_workers, micro_batches=step * accumulation)
+    return position, (
+        f"world size, workers or micro-batch changed since the checkpoint ({client_state['world_size']} rank(s) then, "
+        f"{world_size} now): " + (
+            "the data order continues sample for sample (data.order=global)" if exact else
+            f"warning: the data order continues from the same point of epoch {int(client_state['epoch'])} but not "
+            "sample for sample (docs/slurm.md; data.order=global continues exactly)"))

@@ -17,18 +17,15 @@ from largessl.config.load import dump_config
 from largessl.config.loader import flatten, to_dict
 from largessl.config.schema import PretrainConfig
 from largessl.console import err_line
-from largessl.data.build import build_eval_loader, build_train_loader, describe_plan, plan_training
+from largessl.data.build import build_train_loader, describe_plan, plan_training
 from largessl.data.gpu_decode import to_device
 from largessl.data.index import open_split
 from largessl.data.loader import DataPosition, kill_workers
-from largessl.data.transforms import EvalTransform
 from largessl.distributed import comm
 from largessl.distributed.ema import EMATeacher
 from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, load_weights, model_init_context
 from largessl.errors import SharedError, UserError
-from largessl.eval.config import knn_metric
-from largessl.eval.knn import extract_features, knn_top1
-from largessl.eval.top1 import top1_accuracy
+from largessl.eval.in_training import InTrainingEval
 from largessl.health import FiniteGuard, decode_first_bad, diverged
 from largessl.launch import slurm
 from largessl.lifecycle import SaveClock, StopSignals
@@ -64,7 +61,6 @@ class Trainer:
         self.stop_signal = 0
         self.resumes = 0
         self.save_clock = SaveClock(cfg.trainer.ckpt_every_minutes)
-        self.top1: float | None = None  # an evaluation protocol's last top-1
         self.device_stage: Any = None  # data.decode=gpu: decodes and augments each batch on the device
         try:
             self._build()
@@ -108,6 +104,7 @@ class Trainer:
                   f"step = {cfg.data.micro_batch_size} x {self.accumulation} accumulation x {self.env.world_size} "
                   "rank(s)")
         self.teacher = self._build_teacher()
+        self.evals = InTrainingEval(cfg, self.engine.module, self.env, self.tracker_log, self.note)
         self.guard = FiniteGuard(self.env.device, grad_overflow_is_skipped=cfg.distributed.precision == "fp16")
         rng.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
         client_state = self._load_checkpoint()  # before the run directory takes this config
@@ -220,21 +217,12 @@ class Trainer:
             return DataPosition()
         self.step = int(client_state["step"])
         self.resumes = int(client_state.get("resumes", 0)) + 1
-        same_layout = (client_state["world_size"] == self.env.world_size
-                       and client_state["num_workers"] == self.cfg.data.num_workers
-                       and client_state["micro_batch_size"] == self.cfg.data.micro_batch_size)
-        if same_layout:
-            rng.restore_rng(client_state["rng"][self.env.rank])
-            return DataPosition.from_state_dict(client_state["data"][self.env.rank])
-        position, exact = DataPosition.continued(
-            self.plan, samples=int(client_state["samples_seen"]), epoch=float(client_state["epoch"]),
-            rank=self.env.rank, world_size=self.env.world_size, num_workers=self.cfg.data.num_workers,
-            micro_batches=self.step * self.accumulation)
-        self.note(f"world size, workers or micro-batch changed since the checkpoint ({client_state['world_size']} "
-                  f"rank(s) then, {self.env.world_size} now): " + (
-                      "the data order continues sample for sample (data.order=global)" if exact else
-                      f"warning: the data order continues from the same point of epoch {int(client_state['epoch'])} "
-                      "but not sample for sample (docs/slurm.md; data.order=global continues exactly)"))
+        position, change = checkpointing.resumed_position(
+            client_state, self.plan, rank=self.env.rank, world_size=self.env.world_size,
+            num_workers=self.cfg.data.num_workers, micro_batch_size=self.cfg.data.micro_batch_size,
+            accumulation=self.accumulation)
+        if change:
+            self.note(change)
         return position
 
     def _start_tracking(self, client_state: dict[str, Any] | None) -> NullTracker:
@@ -294,12 +282,9 @@ class Trainer:
                 interval.reset()
             stopping, timed = self._check(report or saving)
             saving = saving or timed
-            if self.cfg.eval.knn_every and self.step % self.cfg.eval.knn_every == 0:
+            if self.evals.due(self.step):
                 with interval.paused():
-                    self._log_knn()
-            if self._top1_due():
-                with interval.paused():
-                    self.log_top1()
+                    self.evals.run(self.step)
             if stopping or saving:
                 with interval.paused():
                     self.save()
@@ -307,8 +292,7 @@ class Trainer:
                 say(f"stopped by signal at step {self.step}; checkpoint saved in {self.ckpt_dir}; "
                     "rerun the same command to resume")
                 return 128 + (self.stop_signal or signal.SIGTERM)
-        if self.engine.module.metric and self.top1 is None:  # a finished evaluation, run again
-            self.log_top1()
+        self.evals.finish(self.step)
         self._say_done()
         return 0
 
@@ -361,58 +345,16 @@ class Trainer:
         if self.usage:
             metrics["gpu_hours"] = self.usage.hours()
         self.note(progress_line(self.step, self.cfg.trainer.max_steps, metrics, keys))
-        self._log(metrics)
+        self.tracker_log(metrics, self.step)
 
-    def _log(self, metrics: dict[str, float]) -> None:
-        """To RUN_DIR/metrics.jsonl and MLflow (rank 0's tracker; the other ranks' does nothing), at this step."""
-        self.tracker.log_metrics(metrics, self.step)
+    def tracker_log(self, metrics: dict[str, float], step: int) -> None:
+        """To RUN_DIR/metrics.jsonl and MLflow (rank 0's tracker; the other ranks' does nothing)."""
+        self.tracker.log_metrics(metrics, step)
 
     def epoch(self) -> float:
         return self.step * self.cfg.optim.global_batch_size / self.plan.epoch_samples
 
-    # ----------------------------------------------------------------- evaluation, checkpoints, signals
-
-    def knn_accuracy(self) -> float:
-        """k-NN top-1 of the objective's eval encoder, computed by all ranks together (ZeRO-3 safe)."""
-        cfg = self.cfg.eval
-        train, val = (open_split(root, split, key) for key, (root, split) in self.cfg.knn_datasets().items())
-        module = self.engine.module
-        encoder = module.eval_encoder()
-        was_training = module.training
-        module.eval()
-        try:
-            forward = partial(encoder.forward_pooled, pool=cfg.knn_pool)
-            features = [extract_features(forward, self._eval_loader(index), device=self.env.device,
-                                         dtype=module.compute_dtype()) for index in (train, val)]
-        finally:
-            module.train(was_training)
-        return knn_top1(features[0], features[1], k=cfg.knn_k, temperature=cfg.knn_temperature)
-
-    def _eval_loader(self, index: Any) -> Any:
-        return build_eval_loader(index, EvalTransform(self.cfg.model.image_size),
-                                 batch_size=self.cfg.eval.knn_batch_size or self.cfg.data.micro_batch_size,
-                                 rank=self.env.rank, world_size=self.env.world_size,
-                                 num_workers=self.cfg.data.num_workers, image_size=self.cfg.model.image_size)
-
-    def _top1_due(self) -> bool:
-        every = self.cfg.eval.every
-        return bool(self.engine.module.metric) and (self.step == self.cfg.trainer.max_steps
-                                                    or bool(every and self.step % every == 0))
-
-    def log_top1(self) -> float:
-        """An evaluation protocol's top-1 on data.val (all ranks together); logged and returned."""
-        module = self.engine.module
-        index = open_split(self.cfg.data.val, self.cfg.data.val_split, "data.val")
-        top1 = top1_accuracy(module, self._eval_loader(index), device=self.env.device, dtype=module.compute_dtype())
-        self.note(f"step {self.step} | {module.metric} {top1:.4f}")
-        self._log({module.metric: top1})
-        self.top1 = top1
-        return top1
-
-    def _log_knn(self) -> None:
-        top1, metric = self.knn_accuracy(), knn_metric(self.cfg.eval.knn_pool)
-        self.note(f"step {self.step} | {metric} {top1:.4f}")
-        self._log({metric: top1})
+    # ----------------------------------------------------------------- checkpoints, signals
 
     def client_state(self) -> dict[str, Any]:
         return {

@@ -34,7 +34,7 @@ def mean(values: list[float]) -> float:
 # ----------------------------------------------------------------------------- one process on Imagenette
 
 
-@pytest.mark.slow  # ~50 s alone (103 s in a loaded CI); in the default suite the ZeRO-3 bf16 run below must lower the loss
+@pytest.mark.slow  # ~50 s alone (103 s in a loaded CI); by default the ZeRO-3 bf16 run below must lower the loss
 def test_both_loss_terms_fall_over_100_steps_on_imagenette(imagenette_shards: Path, tmp_path: Path) -> None:
     # 32 images per step (one micro-batch, no accumulation) keeps 100 steps near a minute on 2 cores.
     ok(run_largessl(cae_run(imagenette_shards, "in", "optim.global_batch_size=32", "trainer.max_steps=100",

@@ -76,7 +76,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
         assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-3), (run.name, step)
 
 
-@pytest.mark.slow  # 72 s; by default test_sim.py checks two synchronised ranks = one batch and test_ema.py the ZeRO-3 target
+@pytest.mark.slow  # 72 s; by default test_sim.py checks synchronised ranks = one batch, test_ema.py the ZeRO-3 target
 def test_two_processes_at_zero3_repeat_the_one_process_run(one_process: Path, mini_shards: Path,
                                                            tmp_path: Path) -> None:
     # ZeRO-3 with activation checkpointing of the encoder: student, target and optimizer partitioned, the target's

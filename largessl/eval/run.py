@@ -135,7 +135,7 @@ def report(args: argparse.Namespace, cfg: PretrainConfig, run_cfg: PretrainConfi
     from largessl.eval.standalone import _log_to_run
 
     pretrained = open_pretrained(args.checkpoint, step)
-    metric, top1 = METRICS[args.protocol], float(trainer.top1)
+    metric, top1 = METRICS[args.protocol], float(trainer.evals.top1)
     result = {metric: top1, "metric": metric, "protocol": args.protocol, "step": step,
               "checkpoint": str(pretrained.checkpoint), "eval_run_dir": str(trainer.run_dir),
               "eval_steps": trainer.step, "train": args.train, "train_split": args.train_split, "val": args.val,
