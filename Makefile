@@ -43,12 +43,12 @@ demo-compare: install
 		> /dev/null
 	@echo "picture: runs/compare.png; page with the tables: runs/compare.html"
 
-# TEST_JOBS test processes (pytest-xdist); each module's tests stay in one of them (tests/conftest.py).
+# TEST_JOBS test processes (pytest-xdist); each test file's tests stay in one of them, so its fixtures run once.
 test: install
-	$(PY) -m pytest -q --durations=25 -n $(TEST_JOBS) --dist loadgroup
+	$(PY) -m pytest -q --durations=25 -n $(TEST_JOBS) --dist loadfile
 
 test-all: install
-	$(PY) -m pytest -q --runslow --durations=25 -n $(TEST_JOBS) --dist loadgroup
+	$(PY) -m pytest -q --runslow --durations=25 -n $(TEST_JOBS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check largessl data_tools tests

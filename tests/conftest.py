@@ -26,24 +26,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
-    for item in items:  # before any other implementation: pytest-xdist's reads the groups
-        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
-    yield
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-def xdist_group(item: pytest.Item) -> str:
-    """Under `pytest -n N --dist loadgroup` (`make test`) a module's tests share one worker, so a module fixture
-    runs once; the SLURM tests share one too, since their session fixture starts the node's daemons."""
-    module = item.path.stem
-    return "slurm" if "slurm" in module else module
 
 
 CLASSES = sorted(p.name for p in (MINI_IMAGES / "train").iterdir())
