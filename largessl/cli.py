@@ -10,6 +10,7 @@ from pathlib import Path
 
 from largessl.console import err_line
 from largessl.errors import UserError, is_lost_peer, one_line
+from largessl.lifecycle import STOPS, rank_prefix
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,13 +101,9 @@ def pretrain(args: argparse.Namespace) -> int:
     check_pretrain(cfg)  # before torch is imported: a wrong path or batch size is said in a second
     if os.environ.get("RANK", "0") == "0":
         print(f"run {Path(cfg.run.output_dir) / cfg.run.name}: loading PyTorch, DeepSpeed and timm", flush=True)
-    from largessl.launch.slurm import requeue_after
-    from largessl.trainer import Trainer
+    from largessl.trainer import train
 
-    trainer = Trainer(cfg)
-    code = trainer.train()
-    requeue_after(code, trainer.env.is_main)  # on the time-limit signal, the job comes back and resumes
-    return code
+    return train(cfg)[0]
 
 
 def eval_knn(args: argparse.Namespace) -> int:
@@ -126,11 +123,6 @@ def eval_knn(args: argparse.Namespace) -> int:
         print(f"logged knn_top1 to MLflow run {result['mlflow_run_id']}")
     print(f"{result['metric']}: {result['knn_top1']:.4f}")
     return 0
-
-
-def rank_prefix() -> str:
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
-    return f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))}] " if world > 1 else ""
 
 
 def report_failure(exc: BaseException) -> int:
@@ -161,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pretrain":
-            return pretrain(args)
+            with STOPS:  # a stop signal in any phase, from here on, ends the job through the trainer's one path
+                return pretrain(args)
         if args.command == "compare":
             from largessl import compare
 
@@ -180,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.protocol == "fewshot":
             return protocol_run.run_fewshot_command(args)
-        return protocol_run.run(args)
+        with STOPS:
+            return protocol_run.run(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from largessl.console import err_line
+
 PR_SET_PDEATHSIG = 1
 # SLURM sends SIGTERM (or a chosen signal such as USR1) before preempting; Ctrl-C is SIGINT.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_CHECK_EVERY = 10  # steps between the collective stop checks of a training loop (and at reports, saves)
 
 
 def die_with_parent(signum: int = signal.SIGKILL) -> None:
@@ -39,23 +42,57 @@ def die_with_launcher() -> None:
         die_with_parent(signal.SIGKILL)
 
 
-class StopSignals:
-    """While active, STOP_SIGNALS call `handler` instead of killing the process; the previous handlers come back on
-    exit, so nothing outlives the loop that asked for them."""
+def rank_prefix() -> str:
+    """'[rank N] ' in a job of several ranks (from torchrun's or srun's variables), else ''."""
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    return f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))}] " if world > 1 else ""
 
-    def __init__(self, handler: Callable[[int, FrameType | None], None]) -> None:
-        self.handler = handler
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class Stopped(Exception):
+    """A stop signal ended the job before training began (start-up: imports, the build, resuming): nothing new to
+    save. `code` is the exit code, 128 + the signal, as for a job stopped while training."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} during start-up")
+        self.signum = signum
+        self.code = 128 + signum
+
+
+class StopSignals:
+    """While active, STOP_SIGNALS are recorded in `received` instead of killing the process; the previous handlers
+    come back on exit. A command that trains holds it from its first line to its last (`STOPS`), so a stop in any
+    phase (imports, building, resuming, a conversion, training, saving, closing) ends the job through one path:
+    the next stop point agrees on it over all ranks (`Trainer`). A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.received = 0
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
         for signum in STOP_SIGNALS:
-            self.previous[signum] = signal.signal(signum, self.handler)
+            self.previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous.clear()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        if not self.received:
+            err_line(f"{rank_prefix()}received {signal.Signals(signum).name}: stopping at the next stop check (every "
+                     f"{STOP_CHECK_EVERY} steps while training), with a checkpoint if training has begun (Ctrl-C "
+                     "again to stop at once)")
+        self.received = signum
+
+
+STOPS = StopSignals()  # the process's stop signals (signals are per process): entered by the commands that train
 
 
 class SaveClock:

@@ -5,18 +5,16 @@ Model and objective code is single-device PyTorch; DeepSpeed lives behind `distr
 
 from __future__ import annotations
 
-import signal
 import time
 from functools import partial
 from typing import Any
 
 import torch
 
-from largessl import checkpoint, checkpointing, epochs, rng
+from largessl import checkpoint, checkpointing, epochs, rng, watchdog
 from largessl.config.load import dump_config
-from largessl.config.loader import flatten, to_dict
+from largessl.config.loader import to_dict
 from largessl.config.schema import PretrainConfig
-from largessl.console import err_line
 from largessl.data.build import build_train_loader, describe_plan, plan_training
 from largessl.data.gpu_decode import to_device
 from largessl.data.index import open_split
@@ -27,8 +25,7 @@ from largessl.distributed.engine import Engine, deepspeed_config, init_distribut
 from largessl.errors import SharedError, UserError
 from largessl.eval.in_training import InTrainingEval
 from largessl.health import FiniteGuard, decode_first_bad, diverged
-from largessl.launch import slurm
-from largessl.lifecycle import SaveClock, StopSignals
+from largessl.lifecycle import STOP_CHECK_EVERY, STOPS, SaveClock, Stopped, signal_name
 from largessl.mfu import Speed
 from largessl.models.vit import compile_blocks
 from largessl.objectives import objective_class
@@ -37,10 +34,10 @@ from largessl.optim.param_groups import build_param_groups
 from largessl.optim.schedules import apply_schedules
 from largessl.progress import Interval, peak_memory_gb, progress_line, say, sync
 from largessl.run_dir import RunDir
-from largessl.tracking import NullTracker, Tracker, browse_hint, check_store, git_commit
+from largessl.stopping import hand_over, start_watchdog, stop_point
+from largessl.tracking import NullTracker, browse_hint, check_store
+from largessl.tracking.training import start_training_run
 from largessl.tracking.usage import Usage
-
-STOP_CHECK_EVERY = 10
 
 
 class Trainer:
@@ -53,17 +50,21 @@ class Trainer:
         self.run = RunDir(cfg.run.output_dir, cfg.run.name)
         self.run_dir, self.ckpt_dir = self.run.path, self.run.ckpt_dir
         self.env = init_distributed(cfg.distributed)
+        start_watchdog(cfg.distributed.timeout_s, self.env)
         self.note(f"process group up: {self.env.world_size} rank(s) on {self.env.device.type}")
         self.tracker: NullTracker = NullTracker()
         self.usage: Usage | None = None  # rank 0's, once it holds the run directory
         self.closed = False
         self.step = 0
-        self.stop_signal = 0
         self.resumes = 0
         self.save_clock = SaveClock(cfg.trainer.ckpt_every_minutes)
         self.device_stage: Any = None  # data.decode=gpu: decodes and augments each batch on the device
         try:
             self._build()
+        except Stopped as stop:  # a stop signal during start-up: nothing new to save
+            hand_over(stop.signum, self.env.is_main, "it resumes where this job started")
+            self.close("KILLED")
+            raise
         except BaseException:
             self.close("FAILED")
             raise
@@ -72,6 +73,7 @@ class Trainer:
         cfg = self.cfg
         self.accumulation = cfg.accumulation_steps(self.env.world_size)
         self.config_text = dump_config(cfg)
+        stop_point(self.env, "run directory", self.note)
         self._take_run_dir()
         self.train_index = open_split(cfg.data.train, cfg.data.train_split, "data.train")
         self.cfg, resolved = epochs.resolve(cfg, self.train_index.num_samples)
@@ -89,13 +91,16 @@ class Trainer:
                                                                                        cfg.data.decode)
         self.note(f"building {cfg.objective.name} on {cfg.model.name}"
                   + (f", partitioned over {self.env.world_size} rank(s) (ZeRO-3)" if self.zero_stage == 3 else ""))
+        stop_point(self.env, "building the model", self.note)
         rng.seed_everything(cfg.trainer.seed)  # identical initial weights on every rank
         with model_init_context(self.ds_config):
             objective = self.objective_cls(cfg.objective, cfg.model)
         self.speed = Speed(objective, self.env.device, self.env.world_size, cfg.distributed.peak_tflops)
         if cfg.model.compile:
             self.note(f"model.compile: {compile_blocks(objective)} transformer blocks compiled on first use")
-        self._load_initial_weights(objective)
+        loaded = load_weights(objective, objective.initial_weights())  # an evaluation's pretrained encoder
+        if loaded:
+            self.note(f"initial weights: {loaded} tensors from {cfg.objective.checkpoint}")
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device,
                              make_optimizer=partial(make_optimizer, cfg=cfg.optim))
@@ -103,16 +108,21 @@ class Trainer:
                   f"{self.engine.num_parameters() / 1e6:.1f}M parameters; {cfg.optim.global_batch_size} images per "
                   f"step = {cfg.data.micro_batch_size} x {self.accumulation} accumulation x {self.env.world_size} "
                   "rank(s)")
-        self.teacher = self._build_teacher()
+        self.teacher = EMATeacher.of(self.engine)
+        if self.teacher:
+            self.note(self.teacher.describe())
         self.evals = InTrainingEval(cfg, self.engine.module, self.env, self.tracker_log, self.note)
         self.guard = FiniteGuard(self.env.device, grad_overflow_is_skipped=cfg.distributed.precision == "fp16")
         rng.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
+        stop_point(self.env, "resuming", self.note)
         client_state = self._load_checkpoint()  # before the run directory takes this config
         self._record_config()
         self.position = self._restore(client_state)
         self.note(describe_plan(self.plan, self.train_index))
+        stop_point(self.env, "starting the data loader", self.note)
         self.batches = self._start_loader()  # workers fork before the tracker starts its thread
         self.tracker = self._start_tracking(client_state)
+        stop_point(self.env, "first step", self.note)
         self.note(f"training from step {self.step} to {cfg.trainer.max_steps}; a progress line every "
                   f"{cfg.trainer.log_every} steps")
 
@@ -142,6 +152,7 @@ class Trainer:
         if self.closed:
             return
         self.closed = True
+        watchdog.watch(None)
         kill_workers()
         if self.usage and self.step:  # the time since the last progress line (a checkpoint, say) counts too
             self.tracker.log_metrics({"gpu_hours": self.usage.hours()}, self.step)
@@ -177,26 +188,6 @@ class Trainer:
                     "MLflow keeps the params it logged first")
         comm.barrier()
 
-    def _load_initial_weights(self, objective: Any) -> None:
-        """An evaluation's pretrained encoder, before DeepSpeed copies the weights into its fp32 masters; a
-        resumed run's checkpoint replaces them right after."""
-        weights = objective.initial_weights()
-        if weights:
-            load_weights(objective, weights)
-            self.note(f"initial weights: {len(weights)} tensors from {self.cfg.objective.checkpoint}")
-
-    def _build_teacher(self) -> EMATeacher | None:
-        """The objective's EMA teacher, if it has one (DINO, SIM), following the student's fp32 masters."""
-        module = self.engine.module
-        names = module.teacher_pairs()
-        if not names:
-            return None
-        params = dict(module.named_parameters())
-        teacher = EMATeacher(self.engine, [(t, params[t], params[s]) for t, s in names])
-        self.note(f"EMA teacher: {len(names)} tensors, {self.engine.master_layout} fp32 state, "
-                  f"{teacher.memory_bytes() / 2**20:.1f} MiB per rank")
-        return teacher
-
     def _load_checkpoint(self) -> dict[str, Any] | None:
         choice = checkpointing.choose(self.run, self.env.is_main)
         if choice.tag is None:
@@ -228,25 +219,10 @@ class Trainer:
     def _start_tracking(self, client_state: dict[str, Any] | None) -> NullTracker:
         if not self.env.is_main:
             return NullTracker()
-        tags = {"method": self.cfg.objective.name, "model": self.cfg.model.name,
-                "world_size": str(self.env.world_size), "git_commit": git_commit(), "slurm_job_id": slurm.job_id(),
-                "slurm_restart_count": str(slurm.restart_count()), "resumes": str(self.resumes),
-                "run_dir": str(self.run_dir.resolve()),
-                "max_steps": str(self.cfg.trainer.max_steps),  # a tag, rewritten by a resume that changes it
-                **self.engine.module.run_tags()}
-        params = {**flatten(to_dict(self.cfg)), "derived.world_size": self.env.world_size,
-                  "derived.accumulation_steps": self.accumulation, "derived.peak_lr": self.cfg.optim.peak_lr()}
-        client_state = client_state or {}
         self.usage = Usage(self.run_dir, self.env.world_size, self.started)
-        tracker = Tracker.start(self.cfg.tracking, run_dir=self.run_dir, run_name=self.cfg.run.name, params=params,
-                                tags=tags, resume_step=self.step,
-                                fallback_run_id=client_state.get("mlflow_run_id", ""),
-                                fallback_uri=client_state.get("tracking_uri", ""))
-        for name in ("config.yaml", "ds_config.json"):  # re-logged on resume: the config may have changed
-            tracker.log_artifact(self.run_dir / name)
-        if self.resumes:  # the run's history shows every restart at the step it resumed from
-            tracker.log_metrics({"resumes": self.resumes, "slurm_restart_count": slurm.restart_count()}, self.step)
-        return tracker
+        return start_training_run(self.cfg, self.run_dir, world_size=self.env.world_size,
+                                  accumulation=self.accumulation, step=self.step, resumes=self.resumes,
+                                  run_tags=self.engine.module.run_tags(), client_state=client_state)
 
     # ----------------------------------------------------------------- the loop
 
@@ -255,8 +231,7 @@ class Trainer:
         Any exception ends the job cleanly (see `close`) and propagates."""
         status = "FAILED"
         try:
-            with StopSignals(self._on_signal):
-                code = self._loop()
+            code = self._loop()
             status = "KILLED" if code else "FINISHED"
             return code
         except KeyboardInterrupt:
@@ -283,15 +258,17 @@ class Trainer:
             stopping, timed = self._check(report or saving)
             saving = saving or timed
             if self.evals.due(self.step):
+                watchdog.mark("evaluation")
                 with interval.paused():
                     self.evals.run(self.step)
             if stopping or saving:
                 with interval.paused():
                     self.save()
             if stopping:
-                say(f"stopped by signal at step {self.step}; checkpoint saved in {self.ckpt_dir}; "
-                    "rerun the same command to resume")
-                return 128 + (self.stop_signal or signal.SIGTERM)
+                self.note(f"stopped by {signal_name(stopping)} at step {self.step}; checkpoint saved in "
+                          f"{self.ckpt_dir}; rerun the same command to resume")
+                hand_over(stopping, self.env.is_main, "it resumes from the checkpoint just saved")
+                return 128 + stopping
         self.evals.finish(self.step)
         self._say_done()
         return 0
@@ -305,16 +282,20 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         grad_norm = None
         for _ in range(self.accumulation):
+            watchdog.mark("reading data", self.step + 1)
             batch = self.position.observe(next(batches))
             batch = to_device(batch, self.env.device, self.device_stage)
+            watchdog.mark("forward/backward")
             out = self.engine(batch)
             self.engine.backward(out["loss"])
+            watchdog.mark("optimizer step")
             grad_norm = self.engine.step(want_norm)
             for key, value in out.items():
                 terms[key] = terms.get(key, 0.0) + value.detach().float() / self.accumulation
         self.guard.observe(self.step + 1, terms["loss"], self.engine.last_grad_norm())
         module.after_optimizer_step(self.step + 1)
         if self.teacher:
+            watchdog.mark("EMA update")
             self.teacher.update(module.teacher_momentum())
         return terms, lr, wd, grad_norm
 
@@ -326,6 +307,7 @@ class Trainer:
                 self.note(f"step {self.step}: parameter group {group['name']} starts training")
 
     def _report(self, interval: Interval, lr: float, wd: float, grad_norm: float | None) -> None:
+        watchdog.mark("progress report")
         sync(self.env.device)
         terms = interval.mean_terms()
         keys = sorted(terms, key=lambda k: (k != "loss", k))
@@ -375,35 +357,29 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint of this step, on every rank (checkpointing.save: refused when the weights are not finite;
         complete, and named by `latest`, only once every rank has written its part)."""
+        watchdog.mark("checkpoint write")
         checkpointing.save(self.engine, self.teacher, self.run, self.step, self.client_state,
                            layout={"zero_stage": self.cfg.distributed.zero_stage, "world_size": self.env.world_size,
                                    "precision": self.cfg.distributed.precision},
                            keep_last=self.cfg.trainer.keep_last, is_main=self.env.is_main)
         self.save_clock.restart()
 
-    def _check(self, due: bool) -> tuple[bool, bool]:
-        """(stop for a signal, save for trainer.ckpt_every_minutes); raises when any rank's loss or gradient norm
-        went non-finite. All ranks ask at the same steps: one small collective (a device sync), so only every
-        STOP_CHECK_EVERY steps, at reports and before checkpoints: a preempted or diverged job stops within that
-        many steps. Rank 0's clock decides the timed saves, so every rank saves at the same step."""
+    def _check(self, due: bool) -> tuple[int, bool]:
+        """(the stop signal any rank got, 0 for none; save for trainer.ckpt_every_minutes); raises when any rank's
+        loss or gradient norm went non-finite. All ranks ask at the same steps: one small collective (a device
+        sync), so only every STOP_CHECK_EVERY steps, at reports and before checkpoints: a preempted or diverged job
+        stops within that many steps. Rank 0's clock decides the timed saves, so every rank saves at the same step."""
         if not due and self.step % STOP_CHECK_EVERY:
-            return False, False
+            return 0, False
+        watchdog.mark("stop check")
         timed = self.env.is_main and self.save_clock.due()
         stop, bad, save = comm.all_reduce_max(torch.stack([
-            torch.tensor(float(self.stop_signal), dtype=torch.float64, device=self.env.device),
+            torch.tensor(float(STOPS.received), dtype=torch.float64, device=self.env.device),
             self.guard.encoded(), torch.tensor(float(timed), dtype=torch.float64, device=self.env.device)]))
         first_bad = decode_first_bad(bad)
         if first_bad is not None:
             raise diverged(first_bad, checkpoint.newest_complete(self.ckpt_dir))
-        return bool(stop > 0), bool(save > 0)
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        if self.stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        if not self.stop_signal:
-            err_line(f"received {signal.Signals(signum).name}: saving a checkpoint within {STOP_CHECK_EVERY} steps, "
-                     "then stopping (Ctrl-C again to stop at once)")
-        self.stop_signal = signum
+        return int(stop), bool(save > 0)
 
     def _say_done(self) -> None:
         if not self.env.is_main:
@@ -412,3 +388,12 @@ class Trainer:
         if self.tracker.run_id:
             say(browse_hint(self.tracker.uri, self.tracker.run_id))
 
+
+def train(cfg: PretrainConfig) -> tuple[int, Trainer | None]:
+    """Build and train (`largessl pretrain`, `largessl eval PROTOCOL`); (exit code, the trainer), the trainer None
+    when a stop signal came during start-up (the code is then 128 + the signal, as for a stop while training)."""
+    try:
+        trainer = Trainer(cfg)
+    except Stopped as stop:
+        return stop.code, None
+    return trainer.train(), trainer

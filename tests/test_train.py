@@ -199,8 +199,8 @@ def test_resume_after_preemption_repeats_the_uninterrupted_losses(mini_shards: P
             job.send_signal(signal.SIGTERM)  # what SLURM sends before a preemption
     job.wait(timeout=300)
     text = "".join(output)
-    assert "stopped by signal at step" in text, text[-3000:]
-    stopped_at = int(re.search(r"stopped by signal at step (\d+)", text)[1])
+    assert "stopped by SIGTERM at step" in text, text[-3000:]
+    stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+)", text)[1])
     assert 5 <= stopped_at < 18
     ok(run_largessl(mini_run(mini_shards, "preempted", *common), tmp_path, nproc=2))  # the same command again
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -66,6 +68,13 @@ def abort() -> None:
         _abort_process_group()
     except Exception:  # gloo has no abort; nothing else may be left to clean up
         pass
+
+
+def store_client(timeout_s: float) -> Any:
+    """A connection of our own to the job's rendezvous store (MASTER_ADDR:MASTER_PORT: torchrun's agent, or rank
+    0's process under srun), with its own timeout, for the watchdog's heartbeats."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

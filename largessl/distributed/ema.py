@@ -57,6 +57,21 @@ class EMATeacher:
     (requires_grad False) and shaped like their students.
     """
 
+    @classmethod
+    def of(cls, engine) -> EMATeacher | None:  # noqa: ANN001 (distributed.engine.Engine)
+        """The EMA teacher of the engine's objective, following the student's fp32 masters; None when the objective
+        has none (DINO and SIM have one)."""
+        module = engine.module
+        names = module.teacher_pairs()
+        if not names:
+            return None
+        params = dict(module.named_parameters())
+        return cls(engine, [(t, params[t], params[s]) for t, s in names])
+
+    def describe(self) -> str:
+        return (f"EMA teacher: {len(self.names)} tensors, {self.layout} fp32 state, "
+                f"{self.memory_bytes() / 2**20:.1f} MiB per rank")
+
     def __init__(self, engine, pairs: list[tuple[str, nn.Parameter, nn.Parameter]]) -> None:
         self.engine = engine
         self.layout = engine.master_layout

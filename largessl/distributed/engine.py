@@ -11,6 +11,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,10 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
     backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
     deepspeed = _deepspeed()
     ops.ensure("comm")  # builds DeepSpeed's CPU communication op (if needed) with a line saying so
+    # the watchdog (distributed.timeout_s) names a silent rank first; the backend's timeout is the backstop
+    timeout = {"timeout": timedelta(seconds=cfg.timeout_s + 60)} if cfg.timeout_s else {}
     with ops.without_built_notice():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
     return DistEnv(rank, world_size, local_rank, device)
 
 
@@ -312,10 +315,11 @@ def read_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 @torch.no_grad()
-def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> int:
     """Copy whole fp32 `weights` (parameter name -> tensor) into `module` before DeepSpeed takes it, so its fp32
-    masters start from them; at ZeRO-3 (parameters built partitioned by zero.Init) each is gathered, written by
-    every rank alike and partitioned again. Raises ConfigError when a name is not the module's or a shape differs."""
+    masters start from them (a resumed run's checkpoint replaces them right after); at ZeRO-3 (parameters built
+    partitioned by zero.Init) each is gathered, written by every rank alike and partitioned again. Returns how many
+    tensors were loaded; raises ConfigError when a name is not the module's or a shape differs."""
     params = dict(module.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:
@@ -330,3 +334,4 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> N
                 param.data.copy_(value)
         else:
             param.data.copy_(value)
+    return len(weights)

@@ -119,12 +119,9 @@ def run(args: argparse.Namespace) -> int:
         where = Path(cfg.run.output_dir) / cfg.run.name
         print(f"{args.protocol} evaluation of {args.checkpoint} (step {step}) in {where}: loading PyTorch, DeepSpeed "
               "and timm", flush=True)
-    from largessl.launch.slurm import requeue_after
-    from largessl.trainer import Trainer
+    from largessl.trainer import train
 
-    trainer = Trainer(cfg)
-    code = trainer.train()
-    requeue_after(code, trainer.env.is_main)
+    code, trainer = train(cfg)
     if code or not main:
         return code
     return report(args, cfg, run_cfg, step, trainer)

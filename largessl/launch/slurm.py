@@ -7,8 +7,9 @@ MASTER_PORT); the rendezvous is the step's first node, on a port derived from th
 it without talking to the others. Variables already set (by torchrun, or by the user) are kept.
 
 Requeue: sbatch's `--signal=USR1@600` sends SIGUSR1 to every task ten minutes before the time limit. The trainer
-saves a checkpoint and stops; then rank 0 runs `scontrol requeue` for the job (once), and the job comes back,
-in the same run directory, and resumes (SLURM_RESTART_COUNT counts the restarts). Preemption sends SIGTERM: the
+saves a checkpoint; then rank 0 runs `scontrol requeue` for the job (once) while every other rank waits, and the
+job comes back, in the same run directory, and resumes (SLURM_RESTART_COUNT counts the restarts). A rank that
+stops answering ends the job the same way (watchdog.py). Preemption sends SIGTERM: the
 trainer saves and stops, and SLURM requeues the job itself when it was submitted with `--requeue`.
 """
 
@@ -76,10 +77,20 @@ def restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
-def requeue_after(code: int, is_main: bool) -> bool:
-    """After the trainer stopped: on the time-limit signal, rank 0 puts the job back in the queue; returns whether
-    it did. The job keeps its id, so its new run resumes the same run directory and MLflow run."""
-    if code != 128 + REQUEUE_SIGNAL or not is_main or not job_id():
+def requeue_on(signum: int, is_main: bool, outcome: str) -> bool:
+    """On the time-limit signal (agreed by every rank), rank 0 of a SLURM job puts the job back in the queue; returns
+    whether it did. The trainer calls this after the checkpoint is complete and before any rank exits: srun's
+    --kill-on-bad-exit ends the step as soon as one rank exits, so a requeue left for later would be lost."""
+    if signum != REQUEUE_SIGNAL or not is_main:
+        return False
+    return requeue(outcome)
+
+
+def requeue(outcome: str) -> bool:
+    """`scontrol requeue` of this job, now: SLURM ends the job's processes (SIGTERM, then SIGKILL after KillWait) and
+    starts it again with the same id, so it resumes the same run directory and MLflow run. Says `outcome` when it
+    worked, a warning when not; returns whether it worked (False outside a SLURM job)."""
+    if not job_id():
         return False
     command = ["scontrol", "requeue", job_id()]
     try:
@@ -91,5 +102,5 @@ def requeue_after(code: int, is_main: bool) -> bool:
         err_line(f"warning: `{' '.join(command)}` failed ({done.stderr.strip()[:200]}); resubmit the same script "
                  "to resume")
         return False
-    print(f"requeued SLURM job {job_id()}: it resumes from the checkpoint just saved", flush=True)
+    print(f"requeued SLURM job {job_id()}: {outcome}", flush=True)
     return True
