@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from largessl.errors import UserError
+from largessl.tracking.sqlite_store import StoreBusy, StoreUnusable, open_client
 from largessl.tracking.store import configure_http, describe, error_code, sqlite_file, unreachable
 
 CURVES = ("loss", "gpu_hours", "epoch", "images_per_sec")  # histories every comparison reads
@@ -69,9 +70,12 @@ class Store:
             raise UserError(f"no MLflow store at {path} (set --tracking-uri, or $MLFLOW_TRACKING_URI, to the store "
                             "the runs logged to)")
         configure_http()
-        from mlflow.tracking import MlflowClient
-
-        self.uri, self.client = uri, MlflowClient(tracking_uri=uri)
+        try:  # a half-made SQLite store holding no runs is replaced by a whole one, as by training
+            self.uri, self.client = uri, open_client(uri, create=False)
+        except (StoreUnusable, StoreBusy) as exc:
+            raise UserError(str(exc)) from None
+        except OSError as exc:
+            raise UserError(f"the MLflow store {uri} cannot be opened: {exc.strerror or exc}") from None
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment `name`; an unknown name is an error that lists the experiments there."""

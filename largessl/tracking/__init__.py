@@ -8,7 +8,9 @@ directory. Each line carries its MLflow timestamp, and MLflow stores a (key, ste
 line sent twice (a reply lost to a timeout or a kill) is not doubled.
 
 Store: tracking.uri, else $MLFLOW_TRACKING_URI, else the store of the run being resumed, else MLflow's default
-(sqlite:///mlflow.db in the working directory).
+(sqlite:///mlflow.db in the working directory). A SQLite store is made whole before MLflow opens it, on the same
+background thread: created whole or not at all, whatever moment the job is killed at, and one that MLflow left
+half-made is replaced or reported (sqlite_store.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from largessl.tracking.journal import (
     warn,
     write_state,
 )
+from largessl.tracking.sqlite_store import StoreUnusable, open_client
 from largessl.tracking.store import (
     browse_hint,
     check_store,
@@ -139,9 +142,7 @@ class Tracker(NullTracker):
         found: dict[str, Any] = {}
 
         def find() -> None:
-            from mlflow.tracking import MlflowClient
-
-            found["client"] = MlflowClient(tracking_uri=uri)
+            found["client"] = open_client(uri, create=False)
             if found["client"].get_run(run_id).info.lifecycle_stage != "active":
                 raise LookupError(f"run {run_id} is deleted")
 
@@ -255,5 +256,6 @@ def _bounded(action: Callable[[], object], what: str, timeout: float = ATTACH_TI
     if not outcome:
         warn(f"{what}: no answer within {timeout:g}s; the result is not logged there")
     elif outcome[0] is not None:
-        warn(f"{what} failed ({describe(outcome[0])}); the result is not logged there")
+        why = str(outcome[0]) if isinstance(outcome[0], StoreUnusable) else describe(outcome[0])
+        warn(f"{what} failed ({why}); the result is not logged there")
     return bool(outcome) and outcome[0] is None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from largessl.tracking.journal import STATE_FILE, Journal, Reader, metric_entities, warn, write_state
+from largessl.tracking.sqlite_store import StoreUnusable, open_client
 from largessl.tracking.store import (
     configure_http,
     describe,
@@ -166,14 +167,17 @@ class Delivery:
         return False
 
     def _connect(self) -> Any:
+        """A client of the store; a SQLite store is first made whole (sqlite_store.open_client: created whole, or
+        a half-made one replaced; seconds, here on the thread)."""
         path = sqlite_file(self.uri)
         problem = unwritable(path) if path else ""
         if problem:
             raise GiveUp(f"MLflow store {self.uri} cannot be written: {problem}; nothing is sent this job")
         configure_http()
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=self.uri)
+        try:
+            return open_client(self.uri)
+        except StoreUnusable as exc:
+            raise GiveUp(f"{exc}; nothing is sent this job") from None
 
     def _open_run(self) -> None:
         continue_id = self.plan.continue_id
