@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from largessl import faults
 from largessl.console import err_line
 from largessl.lifecycle import rank_prefix
 
@@ -42,11 +43,12 @@ class Watchdog:
     """This rank's progress (`mark`) and the thread that publishes it and ends the job when it stalls."""
 
     def __init__(self, timeout_s: float, rank: int, world_size: int, store: Callable[[float], Any] | None,
-                 on_hang: Callable[[list[int]], None]) -> None:
+                 on_hang: Callable[[list[int]], None], beat_s: float = 0.0) -> None:
         """`store(timeout_s)` opens a client of the rendezvous store (None: one rank, no peers to ask);
-        `on_hang(silent ranks)` runs on the watchdog thread after the line is printed (requeue, exit)."""
+        `on_hang(silent ranks)` runs on the watchdog thread after the line is printed (requeue, exit). A beat
+        every `beat_s` seconds (0: a fifth of the timeout, within 0.5-30 s)."""
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
-        self.beat_s = min(30.0, max(0.5, timeout_s / 5))
+        self.beat_s = beat_s or min(30.0, max(0.5, timeout_s / 5))
         self.open_store, self.on_hang = store, on_hang
         self.phase, self.step, self.marks, self.since = "start-up", 0, 0, time.monotonic()
         self.host = socket.gethostname()
@@ -183,6 +185,7 @@ _current: Watchdog | None = None
 
 def mark(phase: str, step: int | None = None) -> None:
     """Mark a phase on this process's watchdog (nothing when none runs: tests, bench, a single evaluation)."""
+    faults.reached(phase, step)
     if _current is not None:
         _current.mark(phase, step)
 

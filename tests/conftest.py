@@ -162,3 +162,39 @@ def serve_mlflow(root: Path, backend_uri: str) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _proc_text(pid: int | str, name: str) -> str:
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes().replace(b"\0", b"\n").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def job_processes(marker: str) -> list[int]:
+    """Pids of the processes whose command line holds `marker` (a job's ranks, workers, launcher), not this one."""
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
+    return [pid for pid in pids if marker in _proc_text(pid, "cmdline").replace("\n", " ")]
+
+
+def rank_process(marker: str, rank: int) -> int | None:
+    """The pid of training rank `rank` of the job whose command line holds `marker` (RANK or SLURM_PROCID in its
+    environment), not one of its DataLoader workers (forked: their parent has their command line) nor a launcher."""
+    for pid in job_processes(marker):
+        cmdline, env = _proc_text(pid, "cmdline"), _proc_text(pid, "environ").split("\n")
+        parent = _proc_text(pid, "stat").rsplit(")", 1)[-1].split()[1:2]
+        program = Path(cmdline.split("\n", 1)[0]).name
+        if not program.startswith("python") or "-m\nlargessl\n" not in cmdline or not parent:
+            continue  # srun, torchrun (python -m torch.distributed.run ...) and the batch shell are not ranks
+        if _proc_text(parent[0], "cmdline") != cmdline and (f"RANK={rank}" in env or f"SLURM_PROCID={rank}" in env):
+            return pid
+    return None
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (its SigCgt mask in /proc): a signal sent before that kills
+    it by the default action, the interpreter's first milliseconds, which no program can cover."""
+    for line in _proc_text(pid, "status").splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
