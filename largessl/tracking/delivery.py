@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from largessl import faults
 from largessl.tracking.journal import STATE_FILE, Journal, Reader, metric_entities, warn, write_state
 from largessl.tracking.sqlite_store import StoreUnusable, open_client
 from largessl.tracking.store import (
@@ -290,6 +291,7 @@ class Delivery:
             self.sent = self.journal.count
             return
         self.doing = "sending metrics"
+        faults.reached("MLflow delivery")
         metrics = metric_entities(records)
         for i in range(0, len(metrics), METRICS_PER_CALL):
             chunk = metrics[i:i + METRICS_PER_CALL]
