@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from largessl import watchdog
 from largessl.distributed.comm import all_gather_cat
 from largessl.errors import DataError
 
@@ -37,6 +38,7 @@ def extract_features(forward_cls: Callable[[torch.Tensor], torch.Tensor], loader
     """([M, D] fp32 features, [M] labels) of every valid sample, gathered from all ranks."""
     features, labels, valid = [], [], []
     for batch in loader:
+        watchdog.mark("evaluation batch")
         features.append(forward_cls(batch["image"].to(device, dtype)).float())
         labels.append(batch["label"].to(device))
         valid.append(batch["valid"].to(device))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from largessl import watchdog
 from largessl.distributed import comm
 from largessl.errors import DataError
 
@@ -18,6 +19,7 @@ def top1_accuracy(module: torch.nn.Module, loader: DataLoader, *, device: torch.
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     try:
         for batch in loader:
+            watchdog.mark("evaluation batch")
             labels, valid = batch["label"].to(device), batch["valid"].to(device)
             if (labels[valid] < 0).any():
                 raise DataError("top-1 evaluation needs labelled samples (.cls in the shards); some have none")
