@@ -27,7 +27,7 @@ from largessl.errors import UserError
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from largessl.cli import HelpFormatter
+    from largessl.commandline import HelpFormatter
 
     bench = commands.add_parser(
         "bench", help="measure a recipe's images/s, TFLOP/s, MFU and memory", formatter_class=HelpFormatter,

@@ -5,30 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
-from largessl.console import err_line
-from largessl.errors import UserError, is_lost_peer, one_line
-from largessl.lifecycle import STOPS, rank_prefix
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (exit code 2) instead of usage + error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        err_line(f"{self.prog}: error: {message} (see {self.prog} --help)")
-        sys.exit(2)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each option's default after its meaning (when it has one); descriptions and epilogs keep their lines."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or action.required:
-            return text
-        return f"{text} (default: %(default)s)"
+from largessl.commandline import HelpFormatter, Parser, report_failure
+from largessl.errors import UserError
+from largessl.lifecycle import STOPS
 
 
 def build_parser() -> Parser:
@@ -123,30 +104,6 @@ def eval_knn(args: argparse.Namespace) -> int:
         print(f"logged knn_top1 to MLflow run {result['mlflow_run_id']}")
     print(f"{result['metric']}: {result['knn_top1']:.4f}")
     return 0
-
-
-def report_failure(exc: BaseException) -> int:
-    """One line on stderr for any exception, and the exit code: 2 for what the user must fix, 1 otherwise (with
-    the traceback above the line, when it is a bug rather than a failed disk, file or peer)."""
-    from largessl.errors import SharedError
-
-    if isinstance(exc, SharedError):  # the same on every rank: rank 0 says it
-        if int(os.environ.get("RANK", "0")) == 0:
-            err_line(f"largessl: error: {one_line(exc)}")
-        return 2
-    if isinstance(exc, UserError):
-        err_line(f"largessl: error: {rank_prefix()}{one_line(exc)}")
-        return 2
-    if isinstance(exc, OSError):
-        err_line(f"largessl: error: {rank_prefix()}{exc}")
-        return 2
-    if is_lost_peer(exc):
-        err_line(f"largessl: error: {rank_prefix()}lost contact with another rank, which probably failed (its error "
-                 f"is above): {one_line(exc)[:300]}")
-        return 1
-    traceback.print_exception(exc)
-    err_line(f"largessl: error: {rank_prefix()}{type(exc).__name__}: {one_line(exc)} (a bug: the traceback is above)")
-    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

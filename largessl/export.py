@@ -28,7 +28,7 @@ FORMATS = ("safetensors", "timm")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from largessl.cli import HelpFormatter
+    from largessl.commandline import HelpFormatter
 
     export = commands.add_parser(
         "export", help="write a checkpoint's encoder as timm weights", formatter_class=HelpFormatter,
@@ -48,7 +48,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str]) -> int:
     """`largessl export ARGV...` on its own parser (argv without the word 'export')."""
-    from largessl.cli import Parser, report_failure
+    from largessl.commandline import Parser, report_failure
 
     parser = Parser(prog="largessl")
     add_parser(parser.add_subparsers(dest="command", required=True, parser_class=Parser))

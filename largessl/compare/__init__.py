@@ -18,7 +18,7 @@ PLOT_SUFFIXES = (".png", ".html")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from largessl.cli import HelpFormatter
+    from largessl.commandline import HelpFormatter
 
     compare = commands.add_parser(
         "compare", help="compare the runs of an MLflow experiment", formatter_class=HelpFormatter,

@@ -23,6 +23,12 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def check_scale_range(scale: tuple[float, float], key: str) -> None:
+    """A RandomResizedCrop area range: [low, high] with 0 < low <= high <= 1."""
+    low, high = scale
+    require(0 < low <= high <= 1, key, "must be [low, high] with 0 < low <= high <= 1")
+
+
 def valid_keys(cls: type, prefix: str = "") -> list[str]:
     """All dotted leaf keys of a config dataclass."""
     keys = []

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from largessl.config.loader import require
+from largessl.config.loader import check_scale_range, require
 from largessl.models.config import ModelConfig
-from largessl.objectives.config import check_scale_range
 
 LINEAR_FEATURES = ("auto", "cls", "mean", "mean_norm", "last4_cls", "cls_mean")
 POOLS = ("auto", "cls", "avg")

@@ -8,16 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from largessl.config.loader import require
+from largessl.config.loader import check_scale_range, require
 from largessl.data.masking import check_mask_count
 from largessl.epochs import check_pair
 from largessl.models.config import ModelConfig
-
-
-def check_scale_range(scale: tuple[float, float], key: str) -> None:
-    """A RandomResizedCrop area range: [low, high] with 0 < low <= high <= 1."""
-    low, high = scale
-    require(0 < low <= high <= 1, key, "must be [low, high] with 0 < low <= high <= 1")
 
 
 @dataclass
