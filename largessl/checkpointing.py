@@ -1,11 +1,15 @@
 """Saving and resuming a run, as every rank does it (checkpoint.py is the files on disk, without a process group).
 
 Saving: refused when any rank's weights are not finite; rank 0 marks the tag incomplete, every rank writes its
-part, and only then does rank 0 mark it complete and point `latest` at it (then prunes).
+part and hashes its share of the tag's files (checksums.py), and only then does rank 0 record every file's size and
+digest, mark the tag complete and point `latest` at it (then prunes).
 
-Resuming: rank 0 chooses (checkpoint.choose_resume_tag: the newest complete tag that is not damaged, whatever
-`latest` says) and every rank loads what it chose. A run never silently starts over on top of its own
-checkpoints: when checkpoints exist but none can be read, it stops and says so.
+Resuming: rank 0 picks a candidate (checkpoint.choose_resume_tag: the newest complete tag whose sizes are right,
+whatever `latest` says), every rank checks its share of the candidate's files against their digests and all agree
+on the outcome; a damaged candidate is said in one line and the next older one is tried, and once a resume has
+loaded, the damaged ones are set aside. A tag from before checksums is checked by its files' zip CRC-32s and by
+torch opening each file (memory-mapped), so it too is passed over before anything is loaded. A run never silently
+starts over on top of its own checkpoints: when checkpoints exist but none can be read, it stops and says so.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import torch
 
-from largessl import checkpoint, rng
+from largessl import checkpoint, checksums, rng
 from largessl.data.loader import DataPosition
 from largessl.distributed import comm
 from largessl.errors import SharedError, UserError, is_lost_peer, one_line
@@ -61,21 +65,56 @@ def _write(engine: Any, teacher: Any, ckpt_dir: Path, tag: str, client_state: Ca
         teacher.save(tag_dir)
     engine.save(ckpt_dir, tag, client_state())
     comm.barrier()
+    names = checkpoint.tag_files(tag_dir)
+    digests = comm.all_gather_object(checksums.digests(tag_dir, checksums.share(names, comm.rank(),
+                                                                                comm.world_size())))
     if is_main:
-        checkpoint.mark_complete(ckpt_dir, tag, layout)
+        checkpoint.mark_complete(ckpt_dir, tag, layout, digests)
 
 
 def choose(run: RunDir, is_main: bool) -> checkpoint.Choice:
-    """Rank 0's choice of the tag to resume from, on every rank; rank 0 says what it passed over and why."""
-    choice = comm.broadcast_object(checkpoint.choose_resume_tag(run.ckpt_dir) if is_main else None)
+    """The tag to resume from, on every rank: rank 0's candidate, its files checked by every rank (`verify`), until
+    one passes or none is left; rank 0 says what it passed over and why."""
+    found: dict[str, str] = {}
+    started = time.perf_counter()
+    while True:
+        choice = comm.broadcast_object(checkpoint.choose_resume_tag(run.ckpt_dir, found) if is_main else None)
+        why = verify(run.ckpt_dir / choice.tag) if choice.tag else ""
+        if not why:
+            break
+        found[choice.tag] = why
     if is_main:
         for note in choice.notes:
             say(f"checkpoints: {note}")
+        if choice.tag:
+            took = time.perf_counter() - started
+            say(f"checkpoints: {verified(run.ckpt_dir / choice.tag)} (checked in {took:.1f} s)")
     if choice.tag is None and choice.unusable:
         raise SharedError(f"{run.ckpt_dir} holds checkpoints but none can be read ({'; '.join(choice.notes)}); "
                           "refusing to start over on top of them: restore them, or move them away to start from "
                           "scratch, or choose another run.name")
     return choice
+
+
+def verify(tag_dir: Path) -> str:
+    """Every rank checks its share of the tag's files (checksums.share at this run's world size, so together they
+    check every file, also the other ranks' partitions a reshaped load reads): against their digests, or for a tag
+    from before checksums, their zip CRC-32s and whether torch opens them. Returns the same on every rank: '' or
+    the first problem in rank order."""
+    marker = checkpoint.read_marker(tag_dir)
+    names = checkpoint.listed_files(tag_dir, marker)
+    mine = checksums.share(names, comm.rank(), comm.world_size())
+    why = checksums.problem(tag_dir, mine, marker)
+    if not why and not checksums.recorded(marker):
+        why = checksums.unloadable(tag_dir, mine)
+    return next((said for said in comm.all_gather_object(why) if said), "")
+
+
+def verified(tag_dir: Path) -> str:
+    """What `verify` found a tag to be, in words."""
+    marker = checkpoint.read_marker(tag_dir)
+    what = "checksums" if checksums.recorded(marker) else "zip CRC-32s (written before checksums)"
+    return f"the {len(checkpoint.listed_files(tag_dir, marker))} file(s) of {tag_dir.name} match their {what}"
 
 
 def check_layout(run: RunDir, tag: str, zero_stage: int) -> None:
@@ -101,7 +140,11 @@ def load(engine: Any, teacher: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
             raise FileNotFoundError(ckpt_dir / tag)
         if teacher:
             teacher.load(ckpt_dir / tag)
-    except (RuntimeError, KeyError, ValueError, AssertionError, OSError) as exc:
+    except Exception as exc:
+        if checksums.damage_error(exc):
+            raise UserError(damaged_on_load(ckpt_dir / tag, exc)) from None
+        if not isinstance(exc, (RuntimeError, KeyError, ValueError, AssertionError, OSError)):
+            raise
         raise UserError(f"cannot resume from {ckpt_dir / tag}: it does not fit this config "
                         f"({one_line(exc)[:200]}); use another run.name to start a new run") from None
     engine.module.load_extra_state(client_state.get("objective", {}))
@@ -109,6 +152,15 @@ def load(engine: Any, teacher: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         say(f"checkpoints: {tag} was written on {saved_world_size} rank(s); its ZeRO partitions were redistributed "
             f"over {comm.world_size()} rank(s) in {time.perf_counter() - started:.2f} s")
     return client_state
+
+
+def damaged_on_load(tag_dir: Path, exc: BaseException) -> str:
+    """The line for a tag whose bytes failed to load although its checks passed (a tag from before checksums with
+    a damaged zip directory, say): which file, and how to resume from the previous checkpoint."""
+    why = checksums.unloadable(tag_dir, checkpoint.listed_files(tag_dir, checkpoint.read_marker(tag_dir)))
+    return (f"cannot resume from {tag_dir}: it is damaged ({why or one_line(exc)[:200]}); move it out of "
+            f"{tag_dir.parent} (to damaged_{tag_dir.name}, say) and rerun the same command to resume from the "
+            "checkpoint before it")
 
 
 def set_aside_damaged(run: RunDir, choice: checkpoint.Choice) -> None:

@@ -57,6 +57,8 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
 
     add_inputs(knn, checkpoint="run directory (its newest complete checkpoint is used)",
                train="labelled dataset directory: the neighbours", val="labelled dataset directory: the queries")
+    knn.add_argument("--step", type=int, default=None, metavar="N",
+                     help="evaluate the checkpoint of this step (default: the newest complete one)")
     knn.add_argument("--k", type=int, default=20, metavar="N", help="neighbours that vote")
     knn.add_argument("--temperature", type=float, default=0.07, metavar="T",
                      help="votes are weighted by exp(cosine similarity / temperature)")
@@ -92,10 +94,12 @@ def eval_knn(args: argparse.Namespace) -> int:
 
     if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0 or args.num_workers < 0:
         raise UserError("--k, --temperature and --batch-size must be > 0, --num-workers >= 0")
-    check_eval_knn(args.checkpoint, {"--train": (args.train, args.train_split), "--val": (args.val, args.val_split)})
+    check_eval_knn(args.checkpoint, {"--train": (args.train, args.train_split), "--val": (args.val, args.val_split)},
+                   step=args.step)
     from largessl.eval.standalone import run_knn
 
-    result = run_knn(args.checkpoint, args.train, args.val, train_split=args.train_split, val_split=args.val_split,
+    result = run_knn(args.checkpoint, args.train, args.val, step=args.step, train_split=args.train_split,
+                     val_split=args.val_split,
                      k=args.k, temperature=args.temperature, batch_size=args.batch_size,
                      num_workers=args.num_workers, pool=args.pool)
     print(f"checkpoint {result['checkpoint']} (step {result['step']}): {result['num_train']} neighbours, "

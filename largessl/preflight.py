@@ -51,10 +51,11 @@ def check_dataset(key: str, root: str, split: str) -> SplitIndex:
     return open_split(root, split, key)
 
 
-def check_eval_knn(checkpoint: Path, datasets: dict[str, tuple[str, str]]) -> None:
-    """`checkpoint` is a run directory (config.yaml) with a checkpoint, or an export, and the datasets are there."""
+def check_eval_knn(checkpoint: Path, datasets: dict[str, tuple[str, str]], step: int | None = None) -> None:
+    """`checkpoint` is a run directory (config.yaml) with a checkpoint (of `step`), or an export, and the datasets
+    are there."""
     from largessl.eval.source import open_pretrained
 
-    open_pretrained(checkpoint)
+    open_pretrained(checkpoint, step)
     for key, (root, split) in datasets.items():
         check_dataset(key, root, split)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from largessl.checkpoint import checkpoint_of
+from largessl.checkpoint import checkpoint_of, reading
 from largessl.data.build import build_eval_loader
 from largessl.data.index import open_split
 from largessl.data.transforms import EvalTransform
@@ -32,10 +32,11 @@ def load_encoder(run_dir: Path, step: int | None = None, *,
     tag_dir, cfg = pretrained.checkpoint, pretrained.config
     from largessl.distributed.engine import read_checkpoint
 
-    weights, states = read_checkpoint(tag_dir)
     objective = objective_class(cfg.objective.name)(cfg.objective, cfg.model)
-    if objective.teacher_pairs():  # the teacher's exact fp32 EMA, not DeepSpeed's compute-dtype copy
-        weights.update(read_teacher_fp32(tag_dir))
+    with reading(tag_dir, arg):  # checked against its digests already (checkpoint_of); a tag without them may fail
+        weights, states = read_checkpoint(tag_dir)
+        if objective.teacher_pairs():  # the teacher's exact fp32 EMA, not DeepSpeed's compute-dtype copy
+            weights.update(read_teacher_fp32(tag_dir))
     missing, unexpected = objective.load_state_dict(weights, strict=False)
     encoder = objective.eval_encoder()
     prefix = next(name for name, module in objective.named_modules() if module is encoder)
@@ -46,10 +47,11 @@ def load_encoder(run_dir: Path, step: int | None = None, *,
 
 
 def checkpoint_features(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str,
-                        batch_size: int, num_workers: int, pool: str = "cls") -> tuple[list, object, dict, Path]:
+                        batch_size: int, num_workers: int, pool: str = "cls",
+                        step: int | None = None) -> tuple[list, object, dict, Path]:
     """([train (features, labels), val (features, labels)], run config, client state, tag directory) from
-    the eval encoder of a run's latest checkpoint."""
-    encoder, cfg, states, tag_dir = load_encoder(checkpoint)
+    the eval encoder of a run's newest complete checkpoint (or the one of `step`)."""
+    encoder, cfg, states, tag_dir = load_encoder(checkpoint, step)
     indices = [open_split(train, train_split, "--train"), open_split(val, val_split, "--val")]
     transform = EvalTransform(cfg.model.image_size)
     loaders = [build_eval_loader(index, transform, batch_size=batch_size, rank=0, world_size=1,
@@ -68,16 +70,16 @@ def pooled_features(encoder: torch.nn.Module, loaders: list, pool: str) -> list[
 
 
 def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str, k: int,
-            temperature: float, batch_size: int, num_workers: int, pool: str = "cls") -> dict:
+            temperature: float, batch_size: int, num_workers: int, pool: str = "cls", step: int | None = None) -> dict:
     features, cfg, states, tag_dir = checkpoint_features(checkpoint, train, val, train_split=train_split,
                                                          val_split=val_split, batch_size=batch_size,
-                                                         num_workers=num_workers, pool=pool)
+                                                         num_workers=num_workers, pool=pool, step=step)
     top1 = knn_top1(features[0], features[1], k=k, temperature=temperature)
+    pretrained = open_pretrained(checkpoint, step)
     step, metric = int(states.get("step", 0)), knn_metric(pool)
     result = {"knn_top1": top1, "metric": metric, "pool": pool, "step": step, "checkpoint": str(tag_dir),
               "train": train, "val": val, "num_train": len(features[0][1]), "num_val": len(features[1][1]), "k": k,
               "temperature": temperature}
-    pretrained = open_pretrained(checkpoint)
     out = pretrained.eval_dir / f"{metric.replace('_top1', '')}_step{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -106,5 +108,6 @@ def load_encoder_states(run_dir: Path, step: int | None = None) -> dict:
     from largessl.checkpoint import model_states_file
 
     tag_dir = checkpoint_of(run_dir, step, arg="objective.checkpoint")
-    states = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    with reading(tag_dir, "objective.checkpoint"):
+        states = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
     return {key: states[key] for key in CLIENT_KEYS if key in states}
