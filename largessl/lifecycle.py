@@ -57,7 +57,7 @@ class Stopped(Exception):
     save. `code` is the exit code, 128 + the signal, as for a job stopped while training."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} during start-up")
+        super().__init__(f"stopped by {signal_name(signum)} during start-up")
         self.signum = signum
         self.code = 128 + signum
 
@@ -86,7 +86,7 @@ class StopSignals:
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if not self.received:
-            err_line(f"{rank_prefix()}received {signal.Signals(signum).name}: stopping at the next stop check (every "
+            err_line(f"{rank_prefix()}received {signal_name(signum)}: stopping at the next stop check (every "
                      f"{STOP_CHECK_EVERY} steps while training), with a checkpoint if training has begun (Ctrl-C "
                      "again to stop at once)")
         self.received = signum

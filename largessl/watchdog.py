@@ -33,6 +33,7 @@ from typing import Any
 from largessl import faults
 from largessl.console import err_line
 from largessl.lifecycle import rank_prefix
+from largessl.threads import bounded
 
 KEY = "largessl/beat/{rank}"
 STORE_WAIT_S = 5.0  # for one read or write of the rendezvous store
@@ -53,7 +54,6 @@ class Watchdog:
         self.phase, self.step, self.marks, self.since = "start-up", 0, 0, time.monotonic()
         self.host = socket.gethostname()
         self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def mark(self, phase: str, step: int | None = None) -> None:
         """The training thread enters `phase` (of `step`): the clock of the timeout starts again."""
@@ -62,8 +62,7 @@ class Watchdog:
             self.step = step
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="largessl-watchdog", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, name="largessl-watchdog", daemon=True).start()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -87,7 +86,7 @@ class Watchdog:
     def _connect(self) -> Any:
         if self.open_store is None or self.world_size == 1:
             return None
-        store = _bounded(lambda: self.open_store(STORE_WAIT_S), 2 * STORE_WAIT_S)
+        store = _store_call(lambda: self.open_store(STORE_WAIT_S), 2 * STORE_WAIT_S)
         _publish(store, self.rank, self.position(0))
         return store
 
@@ -105,22 +104,22 @@ class Watchdog:
         first = _read_all(store, self.world_size)
         if first is not None:
             time.sleep(2 * self.beat_s)  # every live rank beats at least once meanwhile
-        _publish(store, self.rank, self.position(beat + 1))
+            _publish(store, self.rank, self.position(beat + 1))
         second = _read_all(store, self.world_size) if first is not None else None
-        if second is None:
+        if first is None or second is None:
             host = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             return (f"the rendezvous store at {host} does not answer (rank 0 serves it under srun, torchrun's agent "
                     "under torchrun): rank 0 or its node is frozen or gone", [0])
         silent = [r for r in range(self.world_size) if r != self.rank and _still(first, second, r)]
         if silent:
-            return "; ".join(_silent_words(r, (first or {}).get(r) or second.get(r)) for r in silent), silent
+            return "; ".join(_silent_words(r, first.get(r) or second.get(r)) for r in silent), silent
         return _laggards(second, self.rank), []
 
 
-def _still(first: dict[int, dict] | None, second: dict[int, dict], rank: int) -> bool:
+def _still(first: dict[int, dict], second: dict[int, dict], rank: int) -> bool:
     """Whether `rank` did not beat between the two readings (or never published)."""
     later = second.get(rank)
-    return later is None or (first is not None and (first.get(rank) or {}).get("beat") == later["beat"])
+    return later is None or (first.get(rank) or {}).get("beat") == later["beat"]
 
 
 def _silent_words(rank: int, seen: dict[str, Any] | None) -> str:
@@ -145,7 +144,7 @@ def _laggards(positions: dict[int, dict], me: int) -> str:
 
 def _publish(store: Any, rank: int, position: dict[str, Any]) -> None:
     if store is not None:
-        _bounded(lambda: store.set(KEY.format(rank=rank), json.dumps(position)), STORE_WAIT_S)
+        _store_call(lambda: store.set(KEY.format(rank=rank), json.dumps(position)))
 
 
 def _read_all(store: Any, world_size: int) -> dict[int, dict] | None:
@@ -158,24 +157,13 @@ def _read_all(store: Any, world_size: int) -> dict[int, dict] | None:
         keys = {rank: KEY.format(rank=rank) for rank in range(world_size)}
         return {rank: json.loads(store.get(key)) for rank, key in keys.items() if store.check([key])}
 
-    return _bounded(read, STORE_WAIT_S)
+    return _store_call(read)
 
 
-def _bounded(action: Callable[[], Any], timeout: float) -> Any:
-    """`action()` on a thread of its own, or None when it fails or has not returned within `timeout` s: a store
-    whose host is frozen never answers, and its client's own timeout does not cover a reply that never comes."""
-    result: list[Any] = []
-
-    def attempt() -> None:
-        try:
-            result.append(action())
-        except Exception:  # noqa: BLE001 (any failure means: no answer)
-            pass
-
-    thread = threading.Thread(target=attempt, name="largessl-watchdog-store", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return result[0] if result else None
+def _store_call(action: Callable[[], Any], timeout: float = STORE_WAIT_S) -> Any:
+    """What `action` returned, or None when it failed or had not returned within `timeout` s (the store's host is
+    frozen: its requests never get a reply)."""
+    return bounded(action, timeout, "largessl-watchdog-store")[1]
 
 
 # ----------------------------------------------------------------------------- the process's watchdog

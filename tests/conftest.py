@@ -171,10 +171,16 @@ def _proc_text(pid: int | str, name: str) -> str:
         return ""
 
 
+def command_line(pid: int) -> str:
+    return _proc_text(pid, "cmdline").replace("\n", " ")
+
+
 def job_processes(marker: str) -> list[int]:
-    """Pids of the processes whose command line holds `marker` (a job's ranks, workers, launcher), not this one."""
+    """Pids of the live processes (not zombies) whose command line holds `marker` (a job's ranks, workers,
+    launcher), not this one."""
     pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
-    return [pid for pid in pids if marker in _proc_text(pid, "cmdline").replace("\n", " ")]
+    return [pid for pid in pids if marker in command_line(pid)
+            and _proc_text(pid, "stat").rsplit(") ", 1)[-1].split()[:1] not in ([], ["Z"])]
 
 
 def rank_process(marker: str, rank: int) -> int | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_env, free_port, read_metrics, run_largessl
+from conftest import child_env, command_line, free_port, job_processes, read_metrics, run_largessl
 
 from largessl.checkpoint import newest_complete
 
@@ -68,17 +68,7 @@ def finish(job: subprocess.Popen, bound: float = EXIT_BOUND) -> tuple[int, str, 
 
 def survivors(marker: str) -> list[str]:
     """Live processes whose command line holds `marker` (ranks, launchers, DataLoader workers)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and proc.name != str(os.getpid()):
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (proc / "stat").read_text().split(") ")[-1].split()[0]
-            except OSError:
-                continue
-            if marker in cmdline and state != "Z":
-                found.append(f"{proc.name}: {cmdline[:200]}")
-    return found
+    return [f"{pid}: {command_line(pid)[:200]}" for pid in job_processes(marker)]
 
 
 def assert_none_left(marker: str, within: float = 15) -> None:

@@ -11,6 +11,7 @@ overrides, on gloo.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, catches, child_env, free_port, rank_process, read_metrics
+from conftest import REPO, catches, child_env, free_port, job_processes, rank_process, read_metrics
 from slurm_cluster import SlurmCluster
 
 SCRIPT = REPO / "slurm" / "pretrain_dino_vitb.sh"
@@ -78,13 +79,9 @@ def resumed_at(out: str) -> int:
 
 def kill_tasks(marker: str) -> None:
     """SIGKILL every process whose command line holds `marker` (the job's training tasks)."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                continue
+    for pid in job_processes(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from largessl.config.schema import TrackingConfig
+from largessl.threads import bounded
 from largessl.tracking.delivery import Delivery, Plan
 from largessl.tracking.journal import (
     METRICS_FILE,
@@ -241,21 +241,10 @@ class _Attached(NullTracker):
 
 def _bounded(action: Callable[[], object], what: str, timeout: float = ATTACH_TIMEOUT_S) -> bool:
     """Run `action` on a daemon thread for at most `timeout` s; warn and return False if it fails or hangs."""
-    outcome: list[BaseException | None] = []
-
-    def attempt() -> None:
-        try:
-            action()
-            outcome.append(None)
-        except BaseException as exc:  # reported below, on the caller's thread
-            outcome.append(exc)
-
-    thread = threading.Thread(target=attempt, name="largessl-mlflow-attach", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not outcome:
+    ended, _, error = bounded(action, timeout, "largessl-mlflow-attach")
+    if not ended:
         warn(f"{what}: no answer within {timeout:g}s; the result is not logged there")
-    elif outcome[0] is not None:
-        why = str(outcome[0]) if isinstance(outcome[0], StoreUnusable) else describe(outcome[0])
+    elif error is not None:
+        why = str(error) if isinstance(error, StoreUnusable) else describe(error)
         warn(f"{what} failed ({why}); the result is not logged there")
-    return bool(outcome) and outcome[0] is None
+    return ended and error is None
