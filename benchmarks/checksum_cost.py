@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipes", nargs="+", default=["pretrain/mae_vitb16", "pretrain/mae_vitl16"])
     parser.add_argument("--zero-stage", type=int, choices=(0, 1), default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the scratch directory goes (created; default: the system's temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON line here")
     return parser.parse_args(argv)
 
@@ -184,6 +185,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)  # the scratch directory goes inside it
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     speeds = hash_speeds()
     print_speeds(speeds)

@@ -313,3 +313,26 @@ def test_a_tag_from_before_checksums_resumes_and_its_damage_is_one_line(mae: Run
     assert_resumed_past(stdout, run, name, r"cannot be read \(RuntimeError: PytorchStreamReader failed reading zip "
                                            r"archive: .*\)", mae)
     assert f"checkpoints: the 1 file(s) of {OLDER} match their zip CRC-32s (written before checksums)" in stdout
+
+
+def test_the_cost_benchmark_runs_as_documented_on_a_small_recipe(tmp_path: Path) -> None:
+    """benchmarks/checksum_cost.py (docs/benchmarks.md runs it on ViT-B and ViT-L) on the debug recipe, once: it
+    writes a real checkpoint, and each timing it reports is of the files that checkpoint holds."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, child_env
+
+    out = tmp_path / "cost.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "checksum_cost.py"), "--recipes",
+                           "debug/mae_vit_tiny", "--repeats", "1", "--workdir", str(tmp_path / "work"), "--json",
+                           str(out)], env=child_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["algorithm"] == "sha256" and result["hash_gb_per_s"]["sha256"]["1"] > 0
+    (run,) = result["results"]
+    assert run["recipe"] == "debug/mae_vit_tiny" and sorted(run["files"]) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert run["gb"] == pytest.approx(sum(run["files"].values()) / 1e9)
+    assert all(seconds > 0 for seconds in run["best_s"].values()), run["best_s"]
+    assert "| vit_tiny_patch16 (6M) | 1 | 2 |" in done.stdout
