@@ -4,16 +4,19 @@ next to the load, on the real DeepSpeed engine of a real recipe, in one process.
     python benchmarks/checksum_cost.py [--recipes pretrain/mae_vitb16 pretrain/mae_vitl16] [--zero-stage 1]
         [--repeats 3] [--workdir DIR] [--json FILE]
 
-First, how fast hashlib's algorithms hash 256 MiB held in memory, on one thread and on one thread per core (two
-buffers per thread): the choice of checksums.ALGORITHM. Then, for each recipe, the trainer is built as `largessl
-bench` builds it (fp32, one process, micro-batch 1, the bundled images as shards in --workdir) and takes one
-optimizer step, so the AdamW state exists and the checkpoint has its real size. Then, --repeats times, the steps of
-checkpointing.save and of a resume, each timed alone, each round on a new tag (new files, as in training; the
-previous round's tag is deleted first, as pruning would):
+First, how fast each candidate checksum (zlib's CRC-32 and hashlib's algorithms) hashes 256 MiB held in memory, on
+one thread and on one thread per core (two buffers per thread): the choice of checksums.ALGORITHM. Then, for each
+recipe, the trainer is built as `largessl bench` builds it (fp32, one process, micro-batch 1, the bundled images as
+shards in --workdir) and takes one optimizer step, so the AdamW state exists and the checkpoint has its real size.
+Then, --repeats times, two saves on new tags (new files, as in training; the previous round's tags are deleted
+first, as pruning would; which save goes first alternates between rounds) and a resume, each step timed alone:
 
-- write: `Engine.save` (DeepSpeed's torch.save of every file; the page cache absorbs it, no fsync, as in training)
-- hash at save: `checksums.digests` of the tag's files, right after (warm page cache), as checkpointing._write does;
-  and, for comparison, the same with one thread per whole file (no segments): the largest file bounds that
+- write: `Engine.save` with checksums.FOLLOW_WRITES off (DeepSpeed's torch.save of every file; the page cache
+  absorbs it, no fsync, as in training); then hashed after it: `checksums.digests` of the tag's files (warm page
+  cache), CRC-32 and, for comparison, SHA-256 (what tags were written with before)
+- write, hashed while writing: `Engine.save` as training makes it, each file hashed as it lands; then left after it:
+  `checksums.written_digests`, what checkpointing._write waits for before the tag is complete. "added / write" is
+  (write hashed while writing + left after it - write) / write, of the medians
 - verify, warm: `checkpointing.verify` (the files still cached) and load, warm: `checkpointing.load`
 - verify, cold: the files flushed and dropped from the page cache (fsync + POSIX_FADV_DONTNEED), then verify, then
   the load that follows it on a resume; and load, cold: dropped again, load alone
@@ -25,7 +28,6 @@ and one JSON line with every measurement.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -45,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from largessl import checkpoint, checkpointing, checksums  # noqa: E402
 
-ALGORITHMS = ("sha256", "sha1", "blake2b", "sha512", "md5", "blake2s", "sha3_256")
+ALGORITHMS = ("crc32", "sha256", "sha1", "blake2b", "sha512", "md5", "blake2s", "sha3_256")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,12 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def hash_speeds(size: int = 256 << 20) -> dict[str, dict[int, float]]:
-    """GB/s of each algorithm over `size` random bytes in memory, in 8 MiB updates, on 1 thread and on as many
+    """GB/s of each checksum over `size` random bytes in memory, in 8 MiB updates, on 1 thread and on as many
     threads as checksums.threads allows (each thread hashes the buffer twice)."""
     data = memoryview(os.urandom(size))
 
     def one(name: str) -> None:
-        digest = hashlib.new(name)
+        digest = checksums.new(name)
         for start in range(0, size, checksums.CHUNK):
             digest.update(data[start:start + checksums.CHUNK])
 
@@ -123,20 +125,55 @@ def drop_cache(tag_dir: Path) -> None:
             os.close(fd)
 
 
-def one_round(trainer: Any, tag: str) -> dict[str, float]:
-    """Save, hash, verify and load `tag` once, each step timed alone (seconds)."""
+def new_tag(trainer: Any, tag: str) -> Path:
+    """An empty `tag`, marked incomplete."""
+    tag_dir = trainer.ckpt_dir / tag
+    tag_dir.mkdir(parents=True)
+    checkpoint.begin_save(tag_dir)
+    return tag_dir
+
+
+def save_hashed_after(trainer: Any, tag: str) -> dict[str, float]:
+    """The write alone, then the tag's files hashed from disk (warm page cache): CRC-32, then SHA-256 as before."""
+    tag_dir = new_tag(trainer, tag)
+    checksums.FOLLOW_WRITES = False
+    try:
+        times = {"write": timed(lambda: trainer.engine.save(trainer.ckpt_dir, tag, trainer.client_state()))}
+    finally:
+        checksums.FOLLOW_WRITES = True
+    names = checkpoint.tag_files(tag_dir)
+    times["hash_after_write"] = timed(lambda: checksums.digests(tag_dir, names))
+    times["sha256_after_write"] = timed(lambda: checksums.digests(tag_dir, names, "sha256"))
+    return times
+
+
+def save_hashed_while_writing(trainer: Any, tag: str) -> dict[str, float]:
+    """The write as training makes it (hashed while written), then what is left: checksums.written_digests. The tag
+    is marked complete, for the verify and load that follow."""
+    tag_dir = new_tag(trainer, tag)
+    times = {"write_following": timed(lambda: trainer.engine.save(trainer.ckpt_dir, tag, trainer.client_state()))}
+    names = checkpoint.tag_files(tag_dir)
+    digests: list[dict[str, str]] = []
+    times["left_after_write"] = timed(lambda: digests.append(checksums.written_digests(tag_dir, names)))
+    checkpoint.mark_complete(trainer.ckpt_dir, tag, {"zero_stage": trainer.zero_stage, "world_size": 1}, digests)
+    return times
+
+
+def one_round(trainer: Any, number: int) -> dict[str, float]:
+    """Both saves, each on a new tag (the previous round's deleted first, as pruning would; the one hashed after its
+    write goes first in even rounds and second in odd ones: how fast a write fills the page cache depends on what
+    the kernel still has to write back), then verify and load the tag hashed while written, each step timed alone
+    (seconds)."""
     ckpt_dir, engine = trainer.ckpt_dir, trainer.engine
     for old in checkpoint.step_tags(ckpt_dir):
         shutil.rmtree(ckpt_dir / old)
+    tag = checkpoint.tag_for(2 * number + 2)
+    saves = [lambda: save_hashed_after(trainer, checkpoint.tag_for(2 * number + 1)),
+             lambda: save_hashed_while_writing(trainer, tag)]
+    times = {}
+    for save in saves if number % 2 == 0 else saves[::-1]:
+        times.update(save())
     tag_dir = ckpt_dir / tag
-    tag_dir.mkdir(parents=True)
-    checkpoint.begin_save(tag_dir)
-    times = {"write": timed(lambda: engine.save(ckpt_dir, tag, trainer.client_state()))}
-    names = checkpoint.tag_files(tag_dir)
-    digests: list[dict[str, str]] = []
-    times["hash_at_save"] = timed(lambda: digests.append(checksums.digests(tag_dir, names)))
-    times["hash_whole_files"] = timed(lambda: checksums.digests(tag_dir, names, segment=1 << 62))
-    checkpoint.mark_complete(ckpt_dir, tag, {"zero_stage": trainer.zero_stage, "world_size": 1}, digests)
     times["verify_warm"] = timed(lambda: checkpointing.verify(tag_dir))
     times["load_warm"] = timed(lambda: checkpointing.load(engine, None, ckpt_dir, tag))
     drop_cache(tag_dir)
@@ -150,8 +187,8 @@ def one_round(trainer: Any, tag: str) -> dict[str, float]:
 def measure(recipe: str, shards: Path, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     trainer = build(recipe, shards, workdir, args.zero_stage)
     try:
-        rounds = [one_round(trainer, checkpoint.tag_for(n + 1)) for n in range(args.repeats)]
-        tag_dir = trainer.ckpt_dir / checkpoint.tag_for(args.repeats)
+        rounds = [one_round(trainer, n) for n in range(args.repeats)]
+        tag_dir = trainer.ckpt_dir / checkpoint.tag_for(2 * args.repeats)
         sizes = {name: (tag_dir / name).stat().st_size for name in checkpoint.tag_files(tag_dir)}
         return {"recipe": recipe, "model": trainer.cfg.model.name, "zero_stage": args.zero_stage,
                 "parameters_m": trainer.engine.num_parameters() / 1e6, "files": sizes, "gb": sum(sizes.values()) / 1e9,
@@ -170,17 +207,27 @@ def print_speeds(speeds: dict[str, dict[int, float]]) -> None:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\nchecksum cost, {checksums.ALGORITHM}, {checksums.threads(64)} hashing thread(s); best of the repeats, s")
-    print("| model | ZeRO | files | GB | write | hash at save | hash / write | a thread per file | verify (warm) | "
-          "load (warm) | verify (cold) | load after it | load alone (cold) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\nchecksum cost, {checksums.ALGORITHM}, {checksums.threads(64)} hashing thread(s); best of the repeats, s "
+          "(median in brackets)")
+    print("| model | ZeRO | files | GB | write | hashed after it | sha256 after it | write, hashed while writing | "
+          "left after it | added / write | verify (warm) | load (warm) | verify (cold) | load after it | "
+          "load alone (cold) |")
+    print("| --- |" + " --- |" * 14)
     for r in results:
-        m = r["best_s"]
+        best, median = r["best_s"], r["median_s"]
+        cells = [f"{best[key]:.2f} ({median[key]:.2f})" for key in ("write", "hash_after_write", "sha256_after_write",
+                                                                      "write_following", "left_after_write")]
+        cells.append(f"{added(median):.2f}")
+        cells += [f"{best[key]:.2f}" for key in ("verify_warm", "load_warm", "verify_cold", "load_after_verify",
+                                                 "load_cold")]
         print(f"| {r['model']} ({r['parameters_m']:.0f}M) | {r['zero_stage']} | {len(r['files'])} | {r['gb']:.2f} | "
-              f"{m['write']:.2f} | {m['hash_at_save']:.2f} ({r['gb'] / m['hash_at_save']:.2f} GB/s) | "
-              f"{m['hash_at_save'] / m['write']:.2f} | {m['hash_whole_files']:.2f} | {m['verify_warm']:.2f} | "
-              f"{m['load_warm']:.2f} | "
-              f"{m['verify_cold']:.2f} | {m['load_after_verify']:.2f} | {m['load_cold']:.2f} |")
+              + " | ".join(cells) + " |")
+
+
+def added(times: dict[str, float]) -> float:
+    """What hashing while writing adds to a save, as a fraction of the write alone (can be below zero: writes vary
+    more than that)."""
+    return (times["write_following"] + times["left_after_write"] - times["write"]) / times["write"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Saving and resuming a run, as every rank does it (checkpoint.py is the files on disk, without a process group).
 
 Saving: refused when any rank's weights are not finite; rank 0 marks the tag incomplete, every rank writes its
-part and hashes its share of the tag's files (checksums.py), and only then does rank 0 record every file's size and
-digest, mark the tag complete and point `latest` at it (then prunes).
+part (hashed while it is written) and takes the digests of its share of the tag's files (checksums.py), and only
+then does rank 0 record every file's size and digest, mark the tag complete and point `latest` at it (then prunes).
 
 Resuming: rank 0 picks a candidate (checkpoint.choose_resume_tag: the newest complete tag whose sizes are right,
 whatever `latest` says), every rank checks its share of the candidate's files against their digests and all agree
@@ -66,8 +66,8 @@ def _write(engine: Any, teacher: Any, ckpt_dir: Path, tag: str, client_state: Ca
     engine.save(ckpt_dir, tag, client_state())
     comm.barrier()
     names = checkpoint.tag_files(tag_dir)
-    digests = comm.all_gather_object(checksums.digests(tag_dir, checksums.share(names, comm.rank(),
-                                                                                comm.world_size())))
+    mine = checksums.share(names, comm.rank(), comm.world_size())
+    digests = comm.all_gather_object(checksums.written_digests(tag_dir, mine))
     if is_main:
         checkpoint.mark_complete(ckpt_dir, tag, layout, digests)
 

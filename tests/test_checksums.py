@@ -21,6 +21,8 @@ import re
 import shutil
 import struct
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,30 +136,58 @@ def each_damage(tag_dir: Path) -> list[tuple[str, str, int]]:
 # ----------------------------------------------------------------------------- what is recorded
 
 
-def sha256_of_segments(path: Path) -> str:
-    """A file's digest as checksums.py documents it, computed here the plain way: SHA-256 of the SHA-256 digests of
-    its 64 MiB segments."""
+def of_segments(path: Path, hash_bytes: Callable[[bytes], bytes]) -> bytes:
+    """`hash_bytes` of the `hash_bytes` of a file's 64 MiB segments, computed here the plain way."""
     data = path.read_bytes()
-    return hashlib.sha256(b"".join(hashlib.sha256(data[i:i + 2**26]).digest()
-                                   for i in range(0, max(len(data), 1), 2**26))).hexdigest()
+    return hash_bytes(b"".join(hash_bytes(data[i:i + 2**26]) for i in range(0, max(len(data), 1), 2**26)))
 
 
-def test_every_file_is_recorded_with_the_digest_its_owner_computed(mae: Run, dino: Run) -> None:
+def crc32_of_segments(path: Path) -> str:
+    """A file's checksum as checksums.py documents it: the CRC-32 of the CRC-32s (4 bytes, big-endian) of its
+    segments, as 8 hex digits."""
+    return of_segments(path, lambda data: zlib.crc32(data).to_bytes(4, "big")).hex()
+
+
+def sha256_of_segments(path: Path) -> str:
+    """A file's digest as tags written before CRC-32 record it: SHA-256 of the SHA-256 digests of its segments."""
+    return of_segments(path, lambda data: hashlib.sha256(data).digest()).hex()
+
+
+def test_every_file_is_recorded_with_the_checksum_of_its_bytes(mae: Run, dino: Run) -> None:
+    """The checksums taken while the files were written (and gathered from their owners) are those of the bytes on
+    disk: the MAE file spans two segments, the DINO ZeRO-3 tag has six files from two ranks."""
     single = mae.tag() / "mp_rank_00_model_states.pt"  # 69 MiB: two segments
     assert single.stat().st_size > 2**26
-    assert checkpoint.read_marker(mae.tag())[checksums.KEY]["files"] == {single.name: sha256_of_segments(single)}
+    assert checkpoint.read_marker(mae.tag())[checksums.KEY]["files"] == {single.name: crc32_of_segments(single)}
     tag_dir = dino.tag()
     marker = checkpoint.read_marker(tag_dir)
     names = sorted(p.name for p in tag_dir.glob("*.pt"))
     assert len(names) == 6 and sorted(marker["files"]) == names
-    assert (marker[checksums.KEY]["algorithm"], marker[checksums.KEY]["segment_bytes"]) == ("sha256", 2**26)
-    assert marker[checksums.KEY]["files"] == {name: sha256_of_segments(tag_dir / name) for name in names}
+    assert (marker[checksums.KEY]["algorithm"], marker[checksums.KEY]["segment_bytes"]) == ("crc32", 2**26)
+    assert marker[checksums.KEY]["files"] == {name: crc32_of_segments(tag_dir / name) for name in names}
     owners = {name: checksums.owner(name, 2) for name in names}
     assert owners == {"teacher_fp32_rank00000.pt": 0, "teacher_fp32_rank00001.pt": 1,
                       "zero_pp_rank_0_mp_rank_00_model_states.pt": 0, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 0,
                       "zero_pp_rank_1_mp_rank_00_model_states.pt": 1, "zero_pp_rank_1_mp_rank_00_optim_states.pt": 1}
     assert checksums.owner("zero_pp_rank_7_mp_rank_00_optim_states.pt", 4) == 3  # a bigger world's leftover
     assert checksums.owner("mp_rank_00_model_states.pt", 2) == checksums.owner("teacher_fp32.pt", 2) == 0
+
+
+def test_a_tag_recorded_with_sha256_still_verifies_and_its_damage_is_found(mae: Run, tmp_path: Path) -> None:
+    """Tags written before CRC-32 carry SHA-256 digests: the record names its algorithm, and that one is checked."""
+    tag_dir = mae.copy(tmp_path).tag()
+    marker = json.loads((tag_dir / checkpoint.MARKER).read_text())
+    names = sorted(marker[checksums.KEY]["files"])
+    marker[checksums.KEY] = {"algorithm": "sha256", "segment_bytes": 2**26,
+                             "files": {name: sha256_of_segments(tag_dir / name) for name in names}}
+    (tag_dir / checkpoint.MARKER).write_text(json.dumps(marker))
+    assert checkpointing.verify(tag_dir) == "" and checkpoint.fault(tag_dir) == ""
+    flip(tag_dir / names[0], (tag_dir / names[0]).stat().st_size // 2)
+    said = f"{names[0]} does not match the sha256 checksum recorded when it was written"
+    assert said in checkpointing.verify(tag_dir) and said in checkpoint.fault(tag_dir)
+    marker[checksums.KEY]["algorithm"] = "sha999"
+    (tag_dir / checkpoint.MARKER).write_text(json.dumps(marker))
+    assert "its checksums are of a kind this version does not know ('sha999'" in checkpointing.verify(tag_dir)
 
 
 def test_a_file_no_rank_hashed_keeps_the_tag_incomplete(mae: Run, tmp_path: Path) -> None:
@@ -182,7 +212,7 @@ def test_one_changed_byte_in_any_region_of_any_file_is_found_by_name(which: str,
     assert checkpointing.verify(tag_dir) == "" and checkpoint.fault(tag_dir) == ""
     for name, region, offset in each_damage(tag_dir):
         flip(tag_dir / name, offset)
-        said = f"{name} does not match the sha256 digest recorded when it was written"
+        said = f"{name} does not match the crc32 checksum recorded when it was written"
         assert said in checkpointing.verify(tag_dir), (name, region)  # resuming
         assert said in checkpoint.fault(tag_dir), (name, region)  # export, evaluation
         flip(tag_dir / name, offset)
@@ -244,7 +274,7 @@ def test_resume_passes_over_a_changed_weight_and_repeats_the_uninterrupted_losse
     name = "mp_rank_00_model_states.pt"
     flip(run.tag() / name, regions(run.tag() / name)["tensor"])  # a silent change: it loads, with another weight
     stdout = run.resume()
-    assert_resumed_past(stdout, run, name, r"does not match the sha256 digest recorded when it was written "
+    assert_resumed_past(stdout, run, name, r"does not match the crc32 checksum recorded when it was written "
                                            r"\(changed since\)", mae)
 
 
@@ -253,7 +283,7 @@ def test_two_ranks_agree_on_damage_that_only_rank_1_checks(dino: Run, tmp_path: 
     name = "teacher_fp32_rank00001.pt"  # rank 1's share: rank 0 never reads it before loading
     flip(run.tag() / name, regions(run.tag() / name)["tensor"])
     stdout = run.resume()
-    assert_resumed_past(stdout, run, name, r"does not match the sha256 digest recorded when it was written "
+    assert_resumed_past(stdout, run, name, r"does not match the crc32 checksum recorded when it was written "
                                            r"\(changed since\)", dino)
 
 
@@ -287,7 +317,7 @@ def test_export_and_knn_refuse_a_changed_file_and_name_the_older_step(mae: Run, 
         lines = refusals(run, mini_shards, capsys)
         for command, arg in (("export", "export"), ("knn", "--checkpoint")):
             assert lines[command] == (
-                f"largessl: error: {arg}: {run.tag()} is damaged: {name} does not match the sha256 digest recorded "
+                f"largessl: error: {arg}: {run.tag()} is damaged: {name} does not match the crc32 checksum recorded "
                 f"when it was written (changed since); --step 2 reads {OLDER}, the newest older complete checkpoint")
     code, err = call(["export", str(run.run_dir), "--step", "2"], capsys)  # what the line suggests works
     assert code == 0 and (run.run_dir / "export" / f"{OLDER}.safetensors").is_file(), err
@@ -329,7 +359,7 @@ def test_the_cost_benchmark_runs_as_documented_on_a_small_recipe(tmp_path: Path)
                            str(out)], env=child_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["algorithm"] == "sha256" and result["hash_gb_per_s"]["sha256"]["1"] > 0
+    assert result["algorithm"] == "crc32" and result["hash_gb_per_s"]["crc32"]["1"] > 0
     (run,) = result["results"]
     assert run["recipe"] == "debug/mae_vit_tiny" and sorted(run["files"]) == [
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]

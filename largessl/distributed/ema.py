@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from largessl import checksums
 from largessl.distributed import comm
 from largessl.errors import UserError
 
@@ -124,12 +125,15 @@ class EMATeacher:
     def save(self, tag_dir: Path) -> None:
         """Replicated teachers: rank 0 writes the whole fp32 teacher. Partitioned: every rank writes its part."""
         if self.layout == "partitioned":
-            torch.save({"world_size": comm.world_size(), "shapes": dict(zip(self.names, self.shapes, strict=True)),
-                        "partitions": {n: v.cpu() for n, v in zip(self.names, self.views, strict=True)}},
-                       tag_dir / partition_file(comm.rank()))
+            saved = {"world_size": comm.world_size(), "shapes": dict(zip(self.names, self.shapes, strict=True)),
+                     "partitions": {n: v.cpu() for n, v in zip(self.names, self.views, strict=True)}}
+            path = tag_dir / partition_file(comm.rank())
         elif comm.rank() == 0:
-            full = {n: v.view(shape).cpu() for n, v, shape in zip(self.names, self.views, self.shapes, strict=True)}
-            torch.save(full, tag_dir / FULL_FILE)
+            saved = {n: v.view(shape).cpu() for n, v, shape in zip(self.names, self.views, self.shapes, strict=True)}
+            path = tag_dir / FULL_FILE
+        else:
+            return
+        checksums.hash_while_writing(path, lambda: torch.save(saved, path))
 
     @torch.no_grad()
     def load(self, tag_dir: Path) -> None:

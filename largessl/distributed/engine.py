@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from largessl import checksums
 from largessl.config.loader import require
 from largessl.distributed import ops
 from largessl.distributed.config import DistributedConfig
@@ -131,6 +132,7 @@ class Engine:
         self.optimizer = optimizer  # its param_groups are the ones DeepSpeed steps: we set lr/wd on them
         self.device = device
         self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        hash_saves(self.ds.checkpoint_engine)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -335,3 +337,14 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> i
         else:
             param.data.copy_(value)
     return len(weights)
+
+
+def hash_saves(checkpoint_engine: Any) -> None:
+    """Every file DeepSpeed's checkpoint engine writes is hashed while it is written (checksums.hash_while_writing:
+    its torch.save writes each file from its start, in order)."""
+    write = checkpoint_engine.save
+
+    def save(state_dict: Any, path: str) -> None:
+        checksums.hash_while_writing(Path(path), lambda: write(state_dict, path))
+
+    checkpoint_engine.save = save
