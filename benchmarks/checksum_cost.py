@@ -14,9 +14,10 @@ first, as pruning would; which save goes first alternates between rounds) and a 
 - write: `Engine.save` with checksums.FOLLOW_WRITES off (DeepSpeed's torch.save of every file; the page cache
   absorbs it, no fsync, as in training); then hashed after it: `checksums.digests` of the tag's files (warm page
   cache), CRC-32 and, for comparison, SHA-256 (what tags were written with before)
-- write, hashed while writing: `Engine.save` as training makes it, each file hashed as it lands; then left after it:
-  `checksums.written_digests`, what checkpointing._write waits for before the tag is complete. "added / write" is
-  (write hashed while writing + left after it - write) / write, of the medians
+- write, hashed while writing: `Engine.save` as training makes it, each file hashed as it lands (its time includes
+  what is left); left after it: what waits for the hashing once torch.save has returned, each file's
+  `Follower.finish` (the segments not yet hashed) and `checksums.written_digests`. "left / write" is left after
+  it over the write alone (medians); the two writes' difference is mostly the kernel's writeback
 - verify, warm: `checkpointing.verify` (the files still cached) and load, warm: `checkpointing.load`
 - verify, cold: the files flushed and dropped from the page cache (fsync + POSIX_FADV_DONTNEED), then verify, then
   the load that follows it on a resume; and load, cold: dropped again, load alone
@@ -148,13 +149,26 @@ def save_hashed_after(trainer: Any, tag: str) -> dict[str, float]:
 
 
 def save_hashed_while_writing(trainer: Any, tag: str) -> dict[str, float]:
-    """The write as training makes it (hashed while written), then what is left: checksums.written_digests. The tag
-    is marked complete, for the verify and load that follow."""
+    """The write as training makes it (hashed while written), and what is left once torch.save returns: each
+    file's `Follower.finish` (the rest of the file hashed), then checksums.written_digests. The tag is marked
+    complete, for the verify and load that follow."""
     tag_dir = new_tag(trainer, tag)
-    times = {"write_following": timed(lambda: trainer.engine.save(trainer.ckpt_dir, tag, trainer.client_state()))}
+    finishing: list[float] = []
+    finish = checksums.Follower.finish
+
+    def timed_finish(follower: checksums.Follower) -> None:
+        finishing.append(timed(lambda: finish(follower)))
+
+    checksums.Follower.finish = timed_finish  # type: ignore[method-assign]
+    try:
+        times = {"write_following": timed(lambda: trainer.engine.save(trainer.ckpt_dir, tag,
+                                                                      trainer.client_state()))}
+    finally:
+        checksums.Follower.finish = finish  # type: ignore[method-assign]
     names = checkpoint.tag_files(tag_dir)
     digests: list[dict[str, str]] = []
-    times["left_after_write"] = timed(lambda: digests.append(checksums.written_digests(tag_dir, names)))
+    times["left_after_write"] = sum(finishing) + timed(lambda: digests.append(checksums.written_digests(tag_dir,
+                                                                                                        names)))
     checkpoint.mark_complete(trainer.ckpt_dir, tag, {"zero_stage": trainer.zero_stage, "world_size": 1}, digests)
     return times
 
@@ -210,7 +224,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print(f"\nchecksum cost, {checksums.ALGORITHM}, {checksums.threads(64)} hashing thread(s); best of the repeats, s "
           "(median in brackets)")
     print("| model | ZeRO | files | GB | write | hashed after it | sha256 after it | write, hashed while writing | "
-          "left after it | added / write | verify (warm) | load (warm) | verify (cold) | load after it | "
+          "left after it | left / write | verify (warm) | load (warm) | verify (cold) | load after it | "
           "load alone (cold) |")
     print("| --- |" + " --- |" * 14)
     for r in results:
@@ -225,9 +239,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def added(times: dict[str, float]) -> float:
-    """What hashing while writing adds to a save, as a fraction of the write alone (can be below zero: writes vary
-    more than that)."""
-    return (times["write_following"] + times["left_after_write"] - times["write"]) / times["write"]
+    """What waits for hashing after the write, as a fraction of the write alone."""
+    return times["left_after_write"] / times["write"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ def eval_knn(args: argparse.Namespace) -> int:
     result = run_knn(args.checkpoint, args.train, args.val, step=args.step, train_split=args.train_split,
                      val_split=args.val_split,
                      k=args.k, temperature=args.temperature, batch_size=args.batch_size,
-                     num_workers=args.num_workers, pool=args.pool)
+                     num_workers=args.num_workers, pool=args.pool, tracking_uri=args.tracking_uri)
     print(f"checkpoint {result['checkpoint']} (step {result['step']}): {result['num_train']} neighbours, "
           f"{result['num_val']} queries, k={result['k']}, T={result['temperature']}, {result['pool']} features")
     if result["mlflow_run_id"]:

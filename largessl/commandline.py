@@ -4,12 +4,17 @@ the help layout, and the one line (and exit code) of a failure."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
 from largessl.console import err_line
-from largessl.errors import UserError, is_lost_peer, one_line
+from largessl.errors import SharedError, UserError, is_lost_peer, one_line
+from largessl.files import write_atomic
 from largessl.lifecycle import rank_prefix
 
 
@@ -33,23 +38,41 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def report_failure(exc: BaseException) -> int:
     """One line on stderr for any exception, and the exit code: 2 for what the user must fix, 1 otherwise (with
-    the traceback above the line, when it is a bug rather than a failed disk, file or peer)."""
-    from largessl.errors import SharedError
+    the traceback above the line, when it is a bug rather than a failed disk, file or peer). Under torchrun the
+    line is also the process's error file, so torchrun's failure summary names it as the root cause."""
+    code, line, bug = judged(exc)
+    if bug:
+        traceback.print_exception(exc)
+    if code == 2 and isinstance(exc, SharedError) and int(os.environ.get("RANK", "0")) != 0:
+        record_for_launcher(line)  # the same on every rank: rank 0 says it
+        return code
+    err_line(line)
+    record_for_launcher(line, "".join(traceback.format_exception(exc)) if bug else line)
+    return code
 
-    if isinstance(exc, SharedError):  # the same on every rank: rank 0 says it
-        if int(os.environ.get("RANK", "0")) == 0:
-            err_line(f"largessl: error: {one_line(exc)}")
-        return 2
+
+def judged(exc: BaseException) -> tuple[int, str, bool]:
+    """(exit code, the line, whether it is a bug: a traceback helps) of a failure."""
+    if isinstance(exc, SharedError):
+        return 2, f"largessl: error: {one_line(exc)}", False
     if isinstance(exc, UserError):
-        err_line(f"largessl: error: {rank_prefix()}{one_line(exc)}")
-        return 2
+        return 2, f"largessl: error: {rank_prefix()}{one_line(exc)}", False
     if isinstance(exc, OSError):
-        err_line(f"largessl: error: {rank_prefix()}{exc}")
-        return 2
+        return 2, f"largessl: error: {rank_prefix()}{exc}", False
     if is_lost_peer(exc):
-        err_line(f"largessl: error: {rank_prefix()}lost contact with another rank, which probably failed (its error "
-                 f"is above): {one_line(exc)[:300]}")
-        return 1
-    traceback.print_exception(exc)
-    err_line(f"largessl: error: {rank_prefix()}{type(exc).__name__}: {one_line(exc)} (a bug: the traceback is above)")
-    return 1
+        return 1, (f"largessl: error: {rank_prefix()}lost contact with another rank, which probably failed (its "
+                   f"error is above): {one_line(exc)[:300]}"), False
+    bug = f"{type(exc).__name__}: {one_line(exc)} (a bug: the traceback is above)"
+    return 1, f"largessl: error: {rank_prefix()}{bug}", True
+
+
+def record_for_launcher(line: str, callstack: str = "") -> None:
+    """Write the failure where torchrun's summary reads it ($TORCHELASTIC_ERROR_FILE, in the format of torch's
+    ErrorHandler.record_exception); nothing outside torchrun. A file that cannot be written is passed over."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": line, "extraInfo": {"py_callstack": callstack or line,
+                                                          "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        write_atomic(Path(path), json.dumps(record))

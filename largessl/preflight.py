@@ -31,8 +31,21 @@ def check_pretrain(cfg: PretrainConfig) -> None:
     if rank == 0:
         found = {key: check_dataset(key, root, split) for key, (root, split) in cfg.datasets().items()}
         resolve(cfg, found["data.train"].num_samples)  # a schedule in epochs needs at least one step per epoch
+        for pair in (("eval.knn_train", "eval.knn_val"), ("data.train", "data.val")):
+            if all(key in found for key in pair):
+                check_labels(found, pair)
         for key, path in getattr(cfg.objective, "input_files", dict)().items():
             check_file(key, path)
+
+
+def check_labels(found: dict[str, SplitIndex], pair: tuple[str, str]) -> None:
+    """The two splits of an evaluation mean the same classes by the same labels (eval/labels.py); a mapping by
+    class name is said."""
+    from largessl.eval.labels import check
+
+    note = check(found[pair[0]], found[pair[1]], pair)
+    if note:
+        print(note, flush=True)
 
 
 def check_file(key: str, path: str) -> None:
@@ -57,5 +70,5 @@ def check_eval_knn(checkpoint: Path, datasets: dict[str, tuple[str, str]], step:
     from largessl.eval.source import open_pretrained
 
     open_pretrained(checkpoint, step)
-    for key, (root, split) in datasets.items():
-        check_dataset(key, root, split)
+    found = {key: check_dataset(key, root, split) for key, (root, split) in datasets.items()}
+    check_labels(found, ("--train", "--val"))

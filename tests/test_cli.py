@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, child_env
+from conftest import REPO, child_env, run_largessl
 
 from largessl.config.load import list_recipes
 
@@ -117,7 +117,7 @@ def test_print_config_of_every_shipped_recipe_needs_no_data_paths(tmp_path: Path
     for name in recipes:
         result = run_cli(["pretrain", "--config", name, "data.train=", "data.val=", "--print-config"], tmp_path)
         assert result.returncode == 0, f"{name}: {result.stderr}"
-        cfg = config_from_yaml_text(result.stdout)
+        cfg = config_from_yaml_text(result.stdout, name)
         assert cfg.data.train == "" and cfg.run.name == Path(name).name
 
 
@@ -155,3 +155,18 @@ def test_readme_commands_work_from_a_plain_shell(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert str(bin_dir / "largessl") in result.stdout and "shipped recipes" in result.stdout
     assert shutil.which("largessl", path=str(bin_dir))
+
+
+def test_under_torchrun_our_error_line_is_each_failed_ranks_root_cause(tmp_path: Path) -> None:
+    """torchrun's failure summary shows the line we printed (from $TORCHELASTIC_ERROR_FILE), for every rank that
+    failed, never "error_file: <N/A>"; the rank that did not print it (a config error every rank finds alike) still
+    records it."""
+    done = run_largessl(["pretrain", "--config", "debug/mae_vit_tiny", "trainer.max_steps=-1"], tmp_path, nproc=2,
+                        timeout=300)
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    assert lines.count("largessl: error: trainer.max_steps: must be > 0") == 1  # printed by rank 0 only
+    assert "<N/A>" not in done.stderr, done.stderr[-3000:]
+    summary = done.stderr[done.stderr.index("Root Cause"):] if "Root Cause" in done.stderr else ""
+    assert "traceback : largessl: error: trainer.max_steps: must be > 0" in summary, done.stderr[-3000:]
+    assert done.stderr.count("traceback : largessl: error: trainer.max_steps: must be > 0") == 2

@@ -128,7 +128,7 @@ def test_missing_recipe_lists_shipped_ones() -> None:
 
 def test_resolved_config_round_trips() -> None:
     cfg = load_config(DEBUG, ["optim.betas=[0.8, 0.9]", "objective.norm_pix_loss=false"])
-    again = config_from_yaml_text(dump_config(cfg))
+    again = config_from_yaml_text(dump_config(cfg), "dumped")
     assert again == cfg
 
 

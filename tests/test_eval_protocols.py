@@ -344,7 +344,8 @@ def test_linear_probe_of_a_mae_run_end_to_end(mini_shards: Path, tmp_path: Path,
     common = ["--train", str(mini_shards), "--val", str(mini_shards), "--num-workers", "1"]
     capsys.readouterr()
     assert cli_main(["export", str(run), "--out", str(export)]) == 0
-    assert cli_main(["eval", "fewshot", "--checkpoint", str(export), *common, "--percent", "20"]) == 0
+    assert cli_main(["eval", "fewshot", "--checkpoint", str(export), *common, "--percent", "20",
+                     "--tracking-uri", uri]) == 0  # an export names no store we use: the command line does
     again = capsys.readouterr().out
     assert again.strip().splitlines()[-1] == line
     assert (tmp_path / "shared" / "mae_eval" / "fewshot_step00000001.json").is_file()

@@ -404,14 +404,16 @@ def test_the_checkpoints_run_id_is_continued_for_run_directories_from_before_mlf
 
 
 def test_evaluation_logs_to_the_run_in_mlflow_run_json(server: Server, tmp_path: Path) -> None:
-    from largessl.eval.standalone import _log_to_run
+    from largessl.tracking import attach_recorded
 
     run_dir = tmp_path / "run"
     job = start(run_dir, TrackingConfig(uri=server.uri, experiment="eval"), resume_step=0)
     job.finish()
     states = {"mlflow_run_id": "", "tracking_uri": ""}  # a checkpoint saved while the store was down
-    cfg = SimpleNamespace(tracking=TrackingConfig(experiment="eval"))
-    assert _log_to_run(states, cfg, {"knn_top1": 0.25}, 7, run_dir) == job.run_id
+    tracker = attach_recorded(TrackingConfig(experiment="eval"), run_dir, states)
+    tracker.log_metrics({"knn_top1": 0.25}, 7)
+    tracker.finish()
+    assert tracker.run_id == job.run_id
     assert history(server.uri, job.run_id, "knn_top1") == [(7, 0.25)]
     assert client(server.uri).get_run(job.run_id).info.status == "FINISHED"
     dead = f"http://127.0.0.1:{free_port()}"

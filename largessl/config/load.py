@@ -107,7 +107,19 @@ def dump_config(cfg: PretrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def config_from_yaml_text(text: str) -> PretrainConfig:
-    """Rebuild a resolved config (a run directory's config.yaml)."""
-    tree = yaml.safe_load(text)
-    return build(PretrainConfig, tree, choose=lambda name, section: _objective_config_class(section))
+def config_from_yaml_text(text: str, source: str) -> PretrainConfig:
+    """Rebuild a resolved config (a run directory's config.yaml, an export's embedded one), validated as a --config
+    file is; anything wrong with it is one ConfigError line that starts with `source` (what the text came from)."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # a !!python/... tag is refused here too (safe_load constructs plain data only)
+        problem = " ".join(str(getattr(exc, "problem", "") or type(exc).__name__).split())
+        raise ConfigError(f"{source}: not a valid run config ({problem[:200]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: not a valid run config (a mapping of sections, not {type(tree).__name__})")
+    try:
+        cfg = build(PretrainConfig, tree, choose=lambda name, section: _objective_config_class(section))
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg

@@ -137,9 +137,17 @@ def subset_loader(index: SplitIndex, positions: list[int], transform: object, ba
     return batches
 
 
+def splits_key(train: SplitIndex, val: SplitIndex) -> str:
+    """12 hex digits that change with either split (its directory, split, shards, counts or classes): the feature
+    cache of one pair of splits is never read for another."""
+    described = [[index.root, index.split, [[s.path, s.num_samples] for s in index.shards], list(index.classes)]
+                 for index in (train, val)]
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:12]
+
+
 def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: SplitIndex, *, percent: float,
                 lambd: float, pool: str, batch_size: int, num_workers: int,
-                names: frozenset[str] | None = None, subset_tag: str = "") -> dict:
+                names: frozenset[str] | None = None, subset_tag: str = "", tracking_uri: str = "") -> dict:
     """Features (cached), the fit and the result dict; writes RUN_DIR/eval/fewshot_stepNNNNNNNN.json. `names`: the
     subset as a list of files (--subset, named `subset_tag` in the cache) instead of `percent` per class."""
     from largessl.eval.source import open_pretrained
@@ -150,7 +158,8 @@ def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: Spli
     pretrained = open_pretrained(checkpoint, step)
     out_dir = pretrained.eval_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = out_dir / f"fewshot_features_step{step:08d}_{pool}_{subset_tag or f'{percent:g}pct'}.pt"
+    cache = out_dir / (f"fewshot_features_step{step:08d}_{pool}_{subset_tag or f'{percent:g}pct'}_"
+                       f"{splits_key(train, val)}.pt")
     if cache.is_file():
         feats = torch.load(cache, weights_only=True)
     else:
@@ -169,9 +178,7 @@ def run_fewshot(checkpoint: Path, step: int | None, train: SplitIndex, val: Spli
               "num_train": len(feats["train_labels"]), "num_val": len(feats["val_labels"]),
               "lbfgs_iterations": iterations, "train": train.root, "val": val.root}
     (out_dir / f"fewshot_step{step:08d}.json").write_text(json.dumps(result, indent=2) + "\n")
-    from largessl.eval.standalone import _log_to_run
-
-    result["mlflow_run_id"] = _log_to_run(states, cfg, {"fewshot_top1": top1}, step, pretrained.tracking_dir)
+    result["mlflow_run_id"] = pretrained.log_to_run({"fewshot_top1": top1}, tracking_uri)
     return result
 
 
@@ -181,11 +188,12 @@ def frozen_features(encoder: torch.nn.Module, image_size: int, train: SplitIndex
     """The pooled eval-view features and labels of the subset's samples and of the whole val split."""
     from largessl.data.build import build_eval_loader
     from largessl.data.transforms import EvalTransform
+    from largessl.eval.labels import relabelled
     from largessl.eval.standalone import pooled_features
 
     transform = EvalTransform(image_size)
-    subset, queries = pooled_features(encoder, [
-        subset_loader(train, positions, transform, batch_size),
-        build_eval_loader(val, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers,
-                          image_size=image_size)], pool)
+    queries = build_eval_loader(val, transform, batch_size=batch_size, rank=0, world_size=1, num_workers=num_workers,
+                                image_size=image_size)
+    subset, queries = pooled_features(encoder, [subset_loader(train, positions, transform, batch_size),
+                                                relabelled(queries, train, val, ("--train", "--val"))], pool)
     return {"train": subset[0], "train_labels": subset[1], "val": queries[0], "val_labels": queries[1]}

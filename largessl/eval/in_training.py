@@ -18,6 +18,7 @@ from largessl.data.transforms import EvalTransform
 from largessl.distributed.env import DistEnv
 from largessl.eval.config import knn_metric
 from largessl.eval.knn import extract_features, knn_top1
+from largessl.eval.labels import relabelled
 from largessl.eval.top1 import top1_accuracy
 
 
@@ -57,23 +58,27 @@ class InTrainingEval:
     def knn_accuracy(self) -> float:
         """k-NN top-1 of the objective's eval encoder, computed by all ranks together."""
         cfg = self.cfg.eval
-        train, val = (open_split(root, split, key) for key, (root, split) in self.cfg.knn_datasets().items())
+        datasets = self.cfg.knn_datasets()
+        train, val = (open_split(root, split, key) for key, (root, split) in datasets.items())
+        loaders = [self._loader(train), relabelled(self._loader(val), train, val, tuple(datasets))]
         encoder = self.module.eval_encoder()
         was_training = self.module.training
         self.module.eval()
         try:
             forward = partial(encoder.forward_pooled, pool=cfg.knn_pool)
-            features = [extract_features(forward, self._loader(index), device=self.env.device,
-                                         dtype=self.module.compute_dtype()) for index in (train, val)]
+            features = [extract_features(forward, loader, device=self.env.device,
+                                         dtype=self.module.compute_dtype()) for loader in loaders]
         finally:
             self.module.train(was_training)
         return knn_top1(features[0], features[1], k=cfg.knn_k, temperature=cfg.knn_temperature)
 
     def log_top1(self, step: int) -> float:
         """The evaluation protocol's top-1 on data.val; said, logged and returned."""
-        index = open_split(self.cfg.data.val, self.cfg.data.val_split, "data.val")
-        self.top1 = top1_accuracy(self.module, self._loader(index), device=self.env.device,
-                                  dtype=self.module.compute_dtype())
+        data = self.cfg.data
+        train, val = open_split(data.train, data.train_split, "data.train"), open_split(data.val, data.val_split,
+                                                                                       "data.val")
+        loader = relabelled(self._loader(val), train, val, ("data.train", "data.val"))
+        self.top1 = top1_accuracy(self.module, loader, device=self.env.device, dtype=self.module.compute_dtype())
         self._say_and_log(step, self.module.metric, self.top1)
         return self.top1
 

@@ -97,12 +97,8 @@ class Protocol(Objective):
     def run_tags(self) -> dict[str, str]:
         """protocol, pretrain_method, pretrain_run_dir, pretrain_step and pretrain_run_id (its MLflow run, as
         RUN_DIR/mlflow_run.json, the checkpoint or the export names it; '' when none does)."""
-        from largessl.tracking import recorded_run
-
         pretrained = open_pretrained(Path(self.cfg.checkpoint), self.cfg.checkpoint_step, "objective.checkpoint")
-        states = pretrained.states()
-        run_id, _ = recorded_run(pretrained.config.tracking, pretrained.tracking_dir,
-                                 states.get("mlflow_run_id") or "", states.get("tracking_uri") or "")
+        run_id, _ = pretrained.recorded()
         return {"protocol": self.name, "pretrain_method": self.method,
                 "pretrain_run_dir": str(pretrained.path.resolve()), "pretrain_step": str(pretrained.step),
                 "pretrain_run_id": run_id}

@@ -21,6 +21,7 @@ from largessl.config.loader import read_yaml, to_dict
 from largessl.config.schema import PretrainConfig
 from largessl.data.index import open_split
 from largessl.errors import UserError
+from largessl.eval.labels import check as check_labels
 from largessl.eval.protocol_config import METRICS, PROTOCOL_CONFIGS
 from largessl.eval.source import open_pretrained
 
@@ -38,6 +39,10 @@ def add_inputs(parser: argparse.ArgumentParser, *, checkpoint: str, train: str, 
     parser.add_argument("--val", required=True, metavar="DATASET", help=val)
     parser.add_argument("--train-split", default="train", metavar="SPLIT", help="split of --train")
     parser.add_argument("--val-split", default="val", metavar="SPLIT", help="split of --val")
+    parser.add_argument("--tracking-uri", default="", metavar="URI",
+                        help="MLflow store holding the pretraining run, to log the result onto (default: the one a "
+                             "run directory logged to; for an export, $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+                             "here: never a store an export's metadata names)")
 
 
 def add_parsers(protocols: argparse._SubParsersAction, formatter: type) -> None:
@@ -74,15 +79,18 @@ def default_recipe(protocol: str, run_cfg: PretrainConfig) -> str:
                     f"--config (shipped: {', '.join(n for n in shipped if 'finetune' in n)})")
 
 
-def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConfig, int]:
-    """(the evaluation's config, the pretraining run's config, the evaluated step); errors before torch loads."""
+def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConfig, int, str]:
+    """(the evaluation's config, the pretraining run's config, the evaluated step, what is said of the two splits'
+    labels: eval/labels.py); errors before torch loads."""
     pretrained = open_pretrained(args.checkpoint, args.step)
     run_cfg, step = pretrained.config, pretrained.step
     if run_cfg.objective.name in PROTOCOL_CONFIGS:
         raise UserError(f"--checkpoint: {args.checkpoint} is an evaluation run; give the pretraining run directory")
+    train = open_split(args.train, args.train_split, "--train")
+    labels = check_labels(train, open_split(args.val, args.val_split, "--val"), ("--train", "--val"))  # or refused
     recipe = find_recipe(args.config or default_recipe(args.protocol, run_cfg), kind="eval")
     base = read_yaml(recipe)
-    classes = open_split(args.train, args.train_split, "--train").classes
+    classes = train.classes
     if len(classes) < 2:
         raise UserError(f"--train: {args.train} lists {len(classes)} classes in its dataset.json; an evaluation needs "
                         "labelled data (python -m data_tools imagefolder writes the class list)")
@@ -96,10 +104,10 @@ def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConf
                                        val_split=args.val_split)
     base.setdefault("run", {}).update(output_dir=str(pretrained.eval_dir), name=f"{args.protocol}_step{step:08d}")
     # its own experiment beside the pretraining one, so `largessl compare` lists pretraining runs only
-    run_tracking = {"uri": run_cfg.tracking.uri, "experiment": f"{run_cfg.tracking.experiment}-eval",
-                    "enabled": run_cfg.tracking.enabled}
+    tracking = pretrained.tracking(args.tracking_uri)
+    run_tracking = {"uri": tracking.uri, "experiment": f"{tracking.experiment}-eval", "enabled": tracking.enabled}
     base["tracking"] = {**run_tracking, **(base.get("tracking") or {})}
-    return config_from_tree(base, args.overrides, default_name=args.protocol), run_cfg, step
+    return config_from_tree(base, args.overrides, default_name=args.protocol), run_cfg, step, labels
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from largessl.preflight import check_pretrain
 
     die_with_launcher()
-    cfg, run_cfg, step = build_config(args)
+    cfg, run_cfg, step, labels = build_config(args)
     if args.print_config:
         from largessl.config.load import dump_config
 
@@ -116,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     check_pretrain(cfg)
     main = os.environ.get("RANK", "0") == "0"
     if main:
+        if labels:
+            print(labels, flush=True)
         where = Path(cfg.run.output_dir) / cfg.run.name
         print(f"{args.protocol} evaluation of {args.checkpoint} (step {step}) in {where}: loading PyTorch, DeepSpeed "
               "and timm", flush=True)
@@ -129,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace, cfg: PretrainConfig, run_cfg: PretrainConfig, step: int, trainer: Any) -> int:
     """The result file, the metric on the pretraining run, the last line."""
-    from largessl.eval.standalone import _log_to_run
-
     pretrained = open_pretrained(args.checkpoint, step)
     metric, top1 = METRICS[args.protocol], float(trainer.evals.top1)
     result = {metric: top1, "metric": metric, "protocol": args.protocol, "step": step,
@@ -140,7 +148,7 @@ def report(args: argparse.Namespace, cfg: PretrainConfig, run_cfg: PretrainConfi
               "overrides": list(args.overrides), "mlflow_run_id": trainer.tracker.run_id}
     out = pretrained.eval_dir / f"{args.protocol}_step{step:08d}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    logged = _log_to_run(pretrained.states(), run_cfg, {metric: top1}, step, pretrained.tracking_dir)
+    logged = pretrained.log_to_run({metric: top1}, args.tracking_uri)
     print(f"wrote {out}" + (f"; logged {metric} to the pretraining run's MLflow run {logged}" if logged else ""))
     print(f"{metric}: {top1:.4f}")
     return 0
@@ -185,10 +193,14 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
     open_pretrained(args.checkpoint, args.step)  # a wrong path or step is said before torch loads
     train = open_split(args.train, args.train_split, "--train")
     val = open_split(args.val, args.val_split, "--val")
+    note = check_labels(train, val, ("--train", "--val"))
+    if note:
+        print(note, flush=True)
     names = read_subset_file(args.subset) if args.subset else None
     tag = subset_tag(args.subset, names) if names else ""
     result = run_fewshot(args.checkpoint, args.step, train, val, percent=percent, lambd=args.lambd, pool=args.pool,
-                         batch_size=args.batch_size, num_workers=args.num_workers, names=names, subset_tag=tag)
+                         batch_size=args.batch_size, num_workers=args.num_workers, names=names, subset_tag=tag,
+                         tracking_uri=args.tracking_uri)
     share = f"the {len(names)} of {args.subset}" if names else f"{percent:g}% per class"
     print(f"checkpoint {result['checkpoint']} (step {result['step']}): {result['num_train']} labelled images "
           f"({share}), {result['num_val']} queries, {args.pool} features, lambda {args.lambd}; "

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from largessl.checkpoint import checkpoint_of, reading
+from largessl.checkpoint import reading
 from largessl.data.build import build_eval_loader
 from largessl.data.index import open_split
 from largessl.data.transforms import EvalTransform
@@ -16,6 +16,7 @@ from largessl.distributed.ema import read_teacher_fp32
 from largessl.errors import UserError
 from largessl.eval.config import knn_metric
 from largessl.eval.knn import extract_features, knn_top1
+from largessl.eval.labels import relabelled
 from largessl.eval.source import load_encoder as load_exported
 from largessl.eval.source import open_pretrained
 from largessl.objectives import objective_class
@@ -56,6 +57,7 @@ def checkpoint_features(checkpoint: Path, train: str, val: str, *, train_split: 
     transform = EvalTransform(cfg.model.image_size)
     loaders = [build_eval_loader(index, transform, batch_size=batch_size, rank=0, world_size=1,
                                  num_workers=num_workers, image_size=cfg.model.image_size) for index in indices]
+    loaders[1] = relabelled(loaders[1], *indices, ("--train", "--val"))
     return pooled_features(encoder, loaders, pool), cfg, states, tag_dir
 
 
@@ -70,7 +72,8 @@ def pooled_features(encoder: torch.nn.Module, loaders: list, pool: str) -> list[
 
 
 def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str, k: int,
-            temperature: float, batch_size: int, num_workers: int, pool: str = "cls", step: int | None = None) -> dict:
+            temperature: float, batch_size: int, num_workers: int, pool: str = "cls", step: int | None = None,
+            tracking_uri: str = "") -> dict:
     features, cfg, states, tag_dir = checkpoint_features(checkpoint, train, val, train_split=train_split,
                                                          val_split=val_split, batch_size=batch_size,
                                                          num_workers=num_workers, pool=pool, step=step)
@@ -83,31 +86,5 @@ def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_spl
     out = pretrained.eval_dir / f"{metric.replace('_top1', '')}_step{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    result["mlflow_run_id"] = _log_to_run(states, cfg, {metric: top1}, step, pretrained.tracking_dir)
+    result["mlflow_run_id"] = pretrained.log_to_run({metric: top1}, tracking_uri)
     return result
-
-
-def _log_to_run(states: dict, cfg: object, metrics: dict[str, float], step: int, run_dir: Path) -> str:
-    """Log `metrics` at the checkpoint's step to the training run, when its MLflow run is known and reachable.
-    Returns the run id, '' when not logged."""
-    from largessl.tracking import attach_recorded
-
-    tracker = attach_recorded(cfg.tracking, run_dir, states)
-    tracker.log_metrics(metrics, step)
-    tracker.finish()
-    return tracker.run_id
-
-
-CLIENT_KEYS = ("step", "mlflow_run_id", "tracking_uri")
-
-
-@cache
-def load_encoder_states(run_dir: Path, step: int | None = None) -> dict:
-    """The step and MLflow run of a run's newest complete checkpoint, or of the one at `step`: read once per process
-    (the evaluation's run tags and its report both need them), without keeping the file's weights."""
-    from largessl.checkpoint import model_states_file
-
-    tag_dir = checkpoint_of(run_dir, step, arg="objective.checkpoint")
-    with reading(tag_dir, "objective.checkpoint"):
-        states = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False)
-    return {key: states[key] for key in CLIENT_KEYS if key in states}

@@ -15,7 +15,8 @@ VIT_SIZES = {
     "large": (1024, 24, 16),
     "huge": (1280, 32, 16),
 }
-MODEL_NAME = re.compile(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)$")
+MODEL_NAME = re.compile(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d{1,4})$")
+MAX_IMAGE_SIZE = 4096  # pixels a side: 65,536 patches of 16; beyond, a config is a mistake (or a file's lie)
 
 
 @dataclass
@@ -40,7 +41,10 @@ class ModelConfig:
         require(match is not None and match["size"] in VIT_SIZES, f"{prefix}.name",
                 f"unknown model '{self.name}' (choose one of {valid}, or patch14 variants)")
         patch = int(match["patch"])
-        require(patch > 0 and self.image_size % patch == 0, f"{prefix}.image_size",
+        require(0 < patch <= self.image_size <= MAX_IMAGE_SIZE, f"{prefix}.image_size",
+                f"{self.image_size} must be in [{patch}, {MAX_IMAGE_SIZE}] (the patch size {patch} to "
+                f"{MAX_IMAGE_SIZE} pixels)")
+        require(self.image_size % patch == 0, f"{prefix}.image_size",
                 f"{self.image_size} is not a multiple of the patch size {patch}")
         require(0.0 <= self.drop_path_rate < 1.0, f"{prefix}.drop_path_rate", "must be in [0, 1)")
 
