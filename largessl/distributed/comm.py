@@ -104,13 +104,13 @@ class _GatherWithGrad(torch.autograd.Function):
     ranks (an all-reduce; gloo has no reduce-scatter), which is what each rank's share of the loss sends back."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (autograd's ctx)
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # ctx: autograd's
         parts = [torch.empty_like(tensor) for _ in range(world_size())]
         dist.all_gather(parts, tensor.contiguous())
         return torch.stack(parts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad[rank()]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,7 @@ class EMATeacher:
     """
 
     @classmethod
-    def of(cls, engine) -> EMATeacher | None:  # noqa: ANN001 (distributed.engine.Engine)
+    def of(cls, engine: Any) -> EMATeacher | None:  # engine: distributed.engine.Engine
         """The EMA teacher of the engine's objective, following the student's fp32 masters; None when the objective
         has none (DINO and SIM have one)."""
         module = engine.module
@@ -73,7 +74,7 @@ class EMATeacher:
         return (f"EMA teacher: {len(self.names)} tensors, {self.layout} fp32 state, "
                 f"{self.memory_bytes() / 2**20:.1f} MiB per rank")
 
-    def __init__(self, engine, pairs: list[tuple[str, nn.Parameter, nn.Parameter]]) -> None:
+    def __init__(self, engine: Any, pairs: list[tuple[str, nn.Parameter, nn.Parameter]]) -> None:
         self.engine = engine
         self.layout = engine.master_layout
         self.names = [name for name, _, _ in pairs]

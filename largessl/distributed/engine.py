@@ -31,7 +31,7 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 SOURCE_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
-def _deepspeed():
+def _deepspeed() -> Any:
     ops.prepare()  # the accelerator and this installation's op build directory, before deepspeed is imported
     import deepspeed
 
