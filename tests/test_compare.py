@@ -1,13 +1,17 @@
 """`largessl compare` on real runs: two MAE settings and DINO trained through the real command into one SQLite
-store (one of them through a real `mlflow server` on the same store), one of them resumed."""
+store (one of them through a real `mlflow server` on the same store), one of them resumed; runs that logged NaN and
++-inf and hold params and tags that are not numbers; paths that are not MLflow stores."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -220,3 +224,258 @@ def test_usage_sums_every_job_and_an_unwritable_file_is_said_once(tmp_path: Path
     (tmp_path / "usage.json" / "x").mkdir(parents=True)  # a directory in its place: no user can replace it
     assert usage.hours() > 5 and usage.hours() > 5  # still counted, for this job's metric
     assert capsys.readouterr().err.count("warning: cannot write") == 1
+
+
+# ----------------------------------------------------------------------------- values that are not numbers
+
+NAN, INF = float("nan"), float("inf")
+ODD = "odd"
+HOUR_MS = 3_600_000
+ODD_RUNS = {  # name: (metric histories, one value per step from 0; params; tags)
+    "fine": ({"knn_top1": [0.2, 0.5, 0.4], "loss": [0.9, 0.5, 0.7], "gpu_hours": [0.25, INF, 0.5, NAN],
+              "images_per_sec": [100.0, NAN, 300.0, INF, 500.0], "epoch": [NAN, 1.5], "linear_top1": [0.7]},
+             {"trainer.max_steps": "inf"}, {"world_size": "nan"}),
+    "nan-first": ({"knn_top1": [NAN, 0.1], "loss": [NAN, 0.2]}, {"trainer.max_steps": "nan"}, {"world_size": "inf"}),
+    "plus-inf": ({"knn_top1": [0.3, INF], "loss": [INF, 1.0], "linear_top1": [NAN]}, {"trainer.max_steps": "abc"},
+                 {"world_size": "-3"}),
+    "minus-inf": ({"knn_top1": [-INF, 0.05], "loss": [-INF, 4.0], "linear_top1": [1e300]},
+                  {"trainer.max_steps": "10", "derived.world_size": "2"}, {"max_steps": "1e400", "world_size": "x"}),
+    "inf-only": ({"knn_top1": [INF], "loss": [-INF]}, {}, {"max_steps": "8.0", "world_size": "4"}),
+    "only-nan": ({"knn_top1": [NAN, NAN], "loss": [NAN]}, {"trainer.max_steps": "0"}, {"world_size": "2.5"}),
+    "absent": ({"gpu_hours": [NAN], "images_per_sec": [NAN, INF], "epoch": [INF]}, {"trainer.max_steps": "-5"}, {}),
+}
+COLUMNS = ["run", "method", "model", "status", "steps", "epochs", "world", "best", "last", "loss", "img/s", "GPU-h"]
+ODD_TABLE = {  # --metric knn_top1, best first; then the extra columns knn... (none here), linear_top1
+    "fine": ["4/?", "1.50", "-", "0.5000", "0.4000", "0.7000", "400.0", "0.500", "0.7000"],
+    "plus-inf": ["1/?", "-", "-", "0.3000", "inf", "1.0000", "-", "1.000~", "nan"],
+    "nan-first": ["1/?", "-", "-", "0.1000", "0.1000", "0.2000", "-", "1.000~", "-"],
+    "minus-inf": ["1/10", "-", "2", "0.0500", "0.0500", "4.0000", "-", "2.000~", "1e+300"],
+    "inf-only": ["0/8", "-", "4", "inf", "inf", "-inf", "-", "4.000~", "-"],  # not finite: after every finite one
+    "only-nan": ["1/?", "-", "-", "nan", "nan", "nan", "-", "1.000~", "-"],
+    "absent": ["1/?", "inf", "-", "-", "-", "-", "-", "1.000~", "-"],  # no knn_top1: last
+}
+LOSS_ORDER = ["nan-first", "fine", "plus-inf", "minus-inf", "inf-only", "only-nan", "absent"]
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SQLite store whose runs logged NaN and +-inf (through MLflow's client, as the trainer does) and hold params
+    and tags that are not counts. Every run lasted one hour by MLflow's clock."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('odd') / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(ODD)
+    start = int(time.time() * 1000) - 2 * HOUR_MS
+    for name, (metrics, params, tags) in ODD_RUNS.items():
+        run_id = client.create_run(experiment, start_time=start, run_name=name,
+                                   tags={"method": "mae", "model": "vit_tiny", **tags}).info.run_id
+        for key, values in metrics.items():
+            for step, value in enumerate(values):
+                client.log_metric(run_id, key, value, timestamp=start + step, step=step)
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
+        client.set_terminated(run_id, end_time=start + HOUR_MS)
+    return uri
+
+
+def no_constant(name: str) -> None:
+    raise AssertionError(f"{name} in the JSON output: not JSON")
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """{run: its cells after the status} of the printed table, in the printed order."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    cells = [line.split() for line in lines[header + 2:] if line.strip()][:len(ODD_RUNS)]
+    return {c[0]: c[4:] for c in cells}
+
+
+def test_infinities_are_stored_as_the_largest_float(odd: str) -> None:
+    """What the tests below rely on: MLflow's SQL store gives +-inf back as +-1.797e308, NaN as NaN."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=odd)
+    runs = {r.info.run_name: r.info.run_id for r in
+            client.search_runs([client.get_experiment_by_name(ODD).experiment_id])}
+    assert [m.value for m in client.get_metric_history(runs["minus-inf"], "loss")] == [-sys.float_info.max, 4.0]
+    assert [m.value for m in client.get_metric_history(runs["plus-inf"], "knn_top1")] == [0.3, sys.float_info.max]
+    assert all(m.value != m.value for m in client.get_metric_history(runs["only-nan"], "knn_top1"))
+
+
+def test_non_finite_values_rank_after_finite_ones_and_show_as_words(odd: str, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = compare(capsys, "--experiment", ODD, "--tracking-uri", odd)
+    assert code == 0 and not err, err
+    header = next(line for line in out.splitlines() if line.startswith("run "))
+    assert header.split() == [*COLUMNS[:7], "best", "knn_top1", "last", "knn_top1", *COLUMNS[9:], "linear_top1"]
+    rows = table_rows(out)
+    assert list(rows) == list(ODD_TABLE)
+    assert rows == ODD_TABLE
+    assert max(len(line) for line in out.splitlines()) < 160  # no 309-digit cell
+
+
+def test_losses_rank_lowest_first_with_the_same_rules(odd: str, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = compare(capsys, "--experiment", ODD, "--tracking-uri", odd, "--metric", "loss")
+    assert code == 0 and not err, err
+    assert "best loss first (lower is better)" in out
+    rows = table_rows(out)
+    assert list(rows) == LOSS_ORDER
+    best_last = {name: cells[3:5] for name, cells in rows.items()}
+    assert best_last == {"nan-first": ["0.2000", "0.2000"], "fine": ["0.5000", "0.7000"],
+                         "plus-inf": ["1.0000", "1.0000"], "minus-inf": ["4.0000", "4.0000"],
+                         "inf-only": ["-inf", "-inf"], "only-nan": ["nan", "nan"], "absent": ["-", "-"]}
+
+
+def test_json_holds_no_nan_literal_and_spells_non_finite_values(odd: str, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = compare(capsys, "--experiment", ODD, "--tracking-uri", odd, "--json")
+    assert code == 0, err
+    result = json.loads(out, parse_constant=no_constant)
+    rows = {r["run"]: r for r in result["rows"]}
+    assert [r["run"] for r in result["rows"]] == list(ODD_TABLE)
+    assert (rows["only-nan"]["best_knn_top1"], rows["plus-inf"]["last_knn_top1"], rows["inf-only"]["last_loss"],
+            rows["plus-inf"]["linear_top1"], rows["absent"]["epochs"]) == ("nan", "inf", "-inf", "nan", "inf")
+    assert rows["plus-inf"]["curves"]["knn_top1"] == [[0, 0.3], [1, "inf"]]
+    assert rows["minus-inf"]["curves"]["loss"] == [[0, "-inf"], [1, 4.0]]
+    assert rows["nan-first"]["curves"]["loss"] == [[0, "nan"], [1, 0.2]]
+    assert (rows["fine"]["best_knn_top1"], rows["fine"]["gpu_hours"], rows["fine"]["images_per_sec"]) == \
+        (0.5, 0.5, 400.0)
+    assert [(r["max_steps"], r["world_size"]) for r in result["rows"]] == \
+        [(None, None), (None, None), (None, None), (10, 2), (8, 4), (None, None), (None, None)]
+    assert (rows["absent"]["gpu_hours"], rows["absent"]["gpu_hours_counted"]) == (1.0, "wall clock")
+
+
+def test_csv_holds_readable_values(odd: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    path = tmp_path / "odd.csv"
+    code, _, err = compare(capsys, "--experiment", ODD, "--tracking-uri", odd, "--csv", str(path))
+    assert code == 0, err
+    rows = {r["run"]: r for r in csv.DictReader(path.open())}
+    assert list(rows) == list(ODD_TABLE)
+    assert [rows[n]["best_knn_top1"] for n in ODD_TABLE] == ["0.5", "0.3", "0.1", "0.05", "inf", "nan", ""]
+    assert (rows["plus-inf"]["last_knn_top1"], rows["inf-only"]["last_loss"], rows["minus-inf"]["linear_top1"]) == \
+        ("inf", "-inf", "1e+300")
+    assert (rows["fine"]["max_steps"], rows["fine"]["world_size"], rows["minus-inf"]["max_steps"]) == ("", "", "10")
+    numbers = [value for r in rows.values() for key, value in r.items() if key.endswith("_top1") and value]
+    assert all(isinstance(float(value), float) and len(value) < 25 for value in numbers)
+
+
+def test_plots_leave_non_finite_values_out(odd: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from largessl.compare import plot, runs
+
+    png, page = tmp_path / "odd.png", tmp_path / "odd.html"
+    for path in (png, page):
+        code, _, err = compare(capsys, "--experiment", ODD, "--tracking-uri", odd, "--plot", str(path))
+        assert code == 0 and path.stat().st_size > 10_000, err
+    text = page.read_text()
+    assert "<td>plus-inf</td>" in text and "<td>-inf</td>" in text and "<td>nan</td>" in text
+    found = runs.fetch(odd, ODD, "", ["fine", "plus-inf"], "knn_top1")  # finite losses 0.5 to 1.0, and one inf
+    loss_ax, _, metric_ax = plot.figure(found, ["fine", "plus-inf"], "knn_top1", "odd").axes[:3]
+    assert loss_ax.get_yscale() == "linear"  # the inf is not "far apart" from the others
+    low, high = loss_ax.get_ylim()
+    assert 0.4 < low < 0.5 and 1.0 < high < 1.1
+    low, high = metric_ax.get_ylim()
+    assert 0.15 < low < 0.2 and 0.5 < high < 0.6
+
+
+def test_smoothing_steps_over_non_finite_values() -> None:
+    from largessl.compare.plot import smoothed
+
+    values = smoothed([2.0] * 5 + [NAN, INF] + [2.0] * 5)
+    assert values[5] != values[5] and values[6] != values[6]  # gaps
+    assert values[:5] + values[7:] == pytest.approx([2.0] * 10)
+
+
+# ----------------------------------------------------------------------------- paths that are not MLflow stores
+
+
+def foreign_database(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+        db.commit()
+
+
+SQLITE_PATHS = {  # kind: (how g.db is made, what the error line says it is)
+    "random bytes": (lambda p: p.write_bytes(b"\x00\x01not sqlite" + bytes(range(256)) * 16),
+                     "is not an SQLite database"),
+    "text": (lambda p: p.write_text("runs: 3\nthis is not a database\n"), "is not an SQLite database"),
+    "empty": (Path.touch, "is an empty file"),
+    "directory": (Path.mkdir, "is a directory"),
+    "another program's database": (foreign_database,
+                                   "is an SQLite database without MLflow's tables (another program's?)"),
+}
+
+
+def other_store(kind: str, where: Path) -> tuple[str, str]:
+    """(--tracking-uri, the error line expected after 'largessl: error: ') for a file: path or URI that is no store."""
+    if kind == "file: empty directory":
+        return where.as_uri(), re.escape(f"{where} is not an MLflow store: it holds no experiment (no "
+                                         "NUMBER/meta.yaml)")
+    if kind == "file: a file":
+        (where / "g.db").write_text("x")
+        return (where / "g.db").as_uri(), re.escape(f"{where / 'g.db'} is a file, not an MLflow file store (a "
+                                                    f"directory); a SQLite store is named sqlite:///{where / 'g.db'}")
+    if kind == "file: missing":
+        return (where / "mlruns").as_uri(), re.escape(f"no MLflow store at {where / 'mlruns'}")
+    if kind == "sqlite: two slashes":
+        return "sqlite://g.db", r"the MLflow store sqlite://g.db cannot be opened: Invalid SQLite URL: sqlite://g\.db"
+    return "nosuch://host/x", r"the MLflow store nosuch://host/x cannot be opened: .*unsupported URI 'nosuch://host/x'.*"
+
+
+def not_a_store(kind: str, where: Path) -> tuple[str, str]:
+    """(--tracking-uri, the error line expected after 'largessl: error: ') for a kind of path that is no store."""
+    if kind not in SQLITE_PATHS:
+        return other_store(kind, where)
+    make, what = SQLITE_PATHS[kind]
+    make(where / "g.db")
+    return f"sqlite:///{where / 'g.db'}", re.escape(f"{where / 'g.db'} {what}, not an MLflow store")
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "text", "empty", "directory", "another program's database",
+                                  "file: empty directory", "file: a file", "file: missing", "sqlite: two slashes",
+                                  "unknown scheme"])
+def test_a_path_that_is_not_a_store_is_one_line_and_left_alone(kind: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    where = tmp_path / "here"
+    where.mkdir()
+    uri, message = not_a_store(kind, where)
+    before = {p: p.read_bytes() for p in where.rglob("*") if p.is_file()}
+    code, out, err = compare(capsys, "--tracking-uri", uri)
+    assert code == 2 and not out and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and re.fullmatch(f"largessl: error: {message}", err.strip()), err
+    assert {p: p.read_bytes() for p in where.rglob("*") if p.is_file()} == before  # nothing made, nothing changed
+
+
+def test_random_bytes_as_a_store_in_a_new_process(tmp_path: Path) -> None:
+    """The reported case as a user meets it: `largessl compare` on a file of random bytes."""
+    (tmp_path / "g.db").write_bytes(os.urandom(8192).replace(b"SQLite", b"sqlite"))
+    result = subprocess.run([sys.executable, "-m", "largessl", "compare", "--experiment", "x", "--tracking-uri",
+                             "sqlite:///g.db"], cwd=tmp_path, env=child_env(tmp_path), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and not result.stdout, result.stderr
+    assert result.stderr == f"largessl: error: {tmp_path / 'g.db'} is not an SQLite database, not an MLflow store\n"
+
+
+def test_an_unreadable_store_is_one_line(odd: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if os.geteuid() == 0:  # root reads any file: /proc/self/mem is a regular file whose first bytes cannot be read
+        path = Path("/proc/self/mem")
+    else:
+        path = tmp_path / "mlflow.db"
+        shutil.copy(odd[len("sqlite:///"):], path)
+        path.chmod(0)
+    code, out, err = compare(capsys, "--tracking-uri", f"sqlite:///{path}")
+    assert code == 2 and not out and len(err.splitlines()) == 1, err
+    assert re.fullmatch(rf"largessl: error: MLflow store {path} cannot be read \([A-Za-z/ ]+\)", err.strip()), err
+
+
+def test_a_store_that_cannot_be_written_is_still_read(odd: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Reading needs no write: an immutable store in an immutable directory (root cannot write either)."""
+    where = tmp_path / "frozen"
+    where.mkdir()
+    shutil.copy(odd[len("sqlite:///"):], where / "mlflow.db")
+    if subprocess.run(["chattr", "+i", str(where / "mlflow.db"), str(where)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (not root, or the filesystem has no immutable files)")
+    try:
+        code, out, err = compare(capsys, "--experiment", ODD, "--tracking-uri", f"sqlite:///{where / 'mlflow.db'}")
+    finally:
+        subprocess.run(["chattr", "-i", str(where), str(where / "mlflow.db")], check=True)
+    assert code == 0, err
+    assert table_rows(out) == ODD_TABLE

@@ -3,12 +3,16 @@ between them, and a picture of their curves (PNG, or an HTML page with the table
 
 Runs come from the store they logged to: --tracking-uri, else $MLFLOW_TRACKING_URI, else MLflow's default
 (sqlite:///mlflow.db in the working directory), SQLite or a server.
+
+A metric that is NaN or +-inf is nan, inf or -inf everywhere: in the table, in the CSV (which Python's float and
+most CSV readers read back) and in the JSON, as those strings (JSON has no such numbers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         write_plot(args.plot, found, report, extra)
     if args.json:
-        print(json.dumps(as_json(report, found), indent=1))
+        print(json.dumps(as_json(report, found), indent=1, allow_nan=False))
         return 0
     direction = "higher" if table.higher_is_better(args.metric) else "lower"
     print(f"experiment {args.experiment} in {uri}: {len(rows)} run(s), best {args.metric} first ({direction} is "
@@ -116,7 +120,16 @@ def write_plot(path: Path, found: list[Any], report: dict[str, Any], extra: list
 
 
 def as_json(report: dict[str, Any], found: list[Any]) -> dict[str, Any]:
-    """The report with each run's curves ([step, value] pairs) beside its row."""
+    """The report with each run's curves ([step, value] pairs) beside its row; nan, inf and -inf as strings."""
     rows = [{**row, "curves": {k: [list(p) for p in v] for k, v in run.curves.items()}}
             for row, run in zip(report["rows"], found, strict=True)]
-    return {**report, "rows": rows}  # diff: {config key: its value in each row, in row order}
+    return spelled({**report, "rows": rows})  # diff: {config key: its value in each row, in row order}
+
+
+def spelled(value: Any) -> Any:
+    """`value` (dicts, lists, numbers, text) with every non-finite number as its word: 'nan', 'inf', '-inf'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: spelled(item) for key, item in value.items()}
+    return [spelled(item) for item in value] if isinstance(value, (list, tuple)) else value

@@ -1,11 +1,16 @@
 """The comparison picture: loss against step, loss against GPU-hours and the chosen metric against step, one
-colour per run (best run first), and the self-contained HTML page that holds it with the tables."""
+colour per run (best run first), and the self-contained HTML page that holds it with the tables.
+
+A value that is NaN or +-inf is a gap in its line: it takes no part in the axes' range, the log-scale decision or
+the smoothing.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import math
 import time
 from typing import Any
 
@@ -15,24 +20,35 @@ SMOOTH_ABOVE = 60  # loss curves with more points than this get an EMA line over
 LOG_RATIO = 5.0  # loss axes go logarithmic when the largest loss is this many times the smallest
 
 
+def gaps(values: list[float]) -> list[float]:
+    """`values` with nan for each one that is not finite: matplotlib leaves a gap there."""
+    return [value if math.isfinite(value) else math.nan for value in values]
+
+
 def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
-    """An exponential moving average with bias correction (TensorBoard's smoothing)."""
-    out, average = [], 0.0
-    for count, value in enumerate(values, start=1):
+    """An exponential moving average with bias correction (TensorBoard's smoothing) of the finite values; nan (a
+    gap) at the others, which leave the average as it was."""
+    out, average, count = [], 0.0, 0
+    for value in values:
+        if not math.isfinite(value):
+            out.append(math.nan)
+            continue
+        count += 1
         average = weight * average + (1 - weight) * value
         out.append(average / (1 - weight**count))
     return out
 
 
 def joined(x: list[tuple[int, float]], y: list[tuple[int, float]]) -> tuple[list[float], list[float]]:
-    """(x values, y values) at the steps both curves have."""
+    """(x values, y values) at the steps both curves have; nan where either is not finite."""
     at = dict(x)
     pairs = [(at[step], value) for step, value in y if step in at]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    return gaps([p[0] for p in pairs]), gaps([p[1] for p in pairs])
 
 
 def draw_loss(ax: Any, xs: list[float], ys: list[float], colour: Any) -> Any:
     """One run's loss; a smoothed line over the faint raw curve when it is long. Returns the line for the legend."""
+    ys = gaps(ys)
     if len(ys) > SMOOTH_ABOVE:
         ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
         return ax.plot(xs, smoothed(ys), color=colour, linewidth=2.0)[0]
@@ -71,14 +87,14 @@ def figure(runs: list[RunData], labels: list[str], metric: str, title: str) -> A
     for index, run in enumerate(runs):
         colour = colours[index % len(colours)]
         loss = run.curves.get("loss", [])
-        losses += [v for _, v in loss if v > 0]
+        losses += [v for _, v in loss if 0 < v < math.inf]  # positive and finite
         line = draw_loss(loss_ax, [s for s, _ in loss], [v for _, v in loss], colour)
         hours, values = joined(run.curves.get("gpu_hours", []), loss)
         if values:
             draw_loss(cost_ax, hours, values, colour)
         if run.curves.get(metric):
-            metric_ax.plot(*zip(*run.curves[metric], strict=True), color=colour, linewidth=2.0, marker="o",
-                           markersize=4)
+            steps, values = zip(*run.curves[metric], strict=True)
+            metric_ax.plot(steps, gaps(list(values)), color=colour, linewidth=2.0, marker="o", markersize=4)
         handles.append(line)
     if losses and max(losses) > LOG_RATIO * min(losses):
         loss_ax.set_yscale("log")
@@ -88,8 +104,9 @@ def figure(runs: list[RunData], labels: list[str], metric: str, title: str) -> A
     style(metric_ax, metric, "step", metric)
     if not any(run.curves.get("gpu_hours") for run in runs):
         empty(cost_ax, "no run logged gpu_hours")
-    if not any(run.curves.get(metric) for run in runs):
-        empty(metric_ax, f"no run logged {metric}")
+    if not any(math.isfinite(v) for run in runs for _, v in run.curves.get(metric, [])):
+        empty(metric_ax, f"no run logged a finite {metric}" if any(r.curves.get(metric) for r in runs) else
+              f"no run logged {metric}")
     fig.suptitle(title, fontsize=15, x=0.01, ha="left")
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize=11, frameon=False)
     return fig

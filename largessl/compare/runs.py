@@ -3,15 +3,23 @@ of the metrics a comparison shows.
 
 A run that was requeued or resumed is one MLflow run (the trainer continues it), but the steps a killed job logged
 after its last checkpoint were logged again by the job that resumed: a history keeps, for each step, the value
-logged last.
+logged last. Values are as logged: NaN, and +-inf, which MLflow's SQL stores keep as +-sys.float_info.max.
+
+Only an MLflow store is opened: a path that is not one (not a database, another program's database, an empty file,
+a directory without experiments) is one line naming it and what it is.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from largessl.errors import UserError
 from largessl.tracking.sqlite_store import StoreBusy, StoreUnusable, open_client
@@ -20,6 +28,7 @@ from largessl.tracking.store import configure_http, describe, error_code, sqlite
 CURVES = ("loss", "gpu_hours", "epoch", "images_per_sec")  # histories every comparison reads
 DOWNSTREAM_SUFFIX = "_top1"  # knn_top1, knn_top1_mean, linear_top1, attentive_top1, finetune_top1, fewshot_top1...
 PAGE = 1000
+BARE_SCHEMES = ("databricks", "databricks-uc", "uc")  # URIs MLflow takes as a scheme alone, not as a path
 
 
 @dataclass
@@ -38,14 +47,24 @@ class RunData:
     last_ms: int = 0  # when the run last logged a metric
 
 
+def restored(value: float) -> float:
+    """A metric value as it was logged: MLflow's SQL stores keep +-inf as +-sys.float_info.max."""
+    return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
+
+
 def by_step(history: list[Any]) -> tuple[list[tuple[int, float]], int]:
     """MLflow metric entries -> ([(step, value)] by step, the value logged last at each step; newest timestamp)."""
     chosen: dict[int, tuple[int, float]] = {}
     for entry in history:
         if entry.step not in chosen or entry.timestamp >= chosen[entry.step][0]:
-            chosen[entry.step] = (entry.timestamp, float(entry.value))
+            chosen[entry.step] = (entry.timestamp, restored(float(entry.value)))
     newest = max((t for t, _ in chosen.values()), default=0)
     return [(step, chosen[step][1]) for step in sorted(chosen)], newest
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (MLflow's own message when it has one), else its type."""
+    return (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def guarded(action: Callable[[], Any], uri: str, what: str) -> Any:
@@ -57,18 +76,53 @@ def guarded(action: Callable[[], Any], uri: str, what: str) -> Any:
     except Exception as exc:
         if unreachable(exc):
             raise UserError(f"the MLflow store {uri} did not answer ({describe(exc)})") from None
-        reason = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise UserError(f"{what}: {reason[:300]}" + (f" ({error_code(exc)})" if error_code(exc) else "")) from None
 
 
+def local_directory(uri: str) -> Path | None:
+    """The directory of a file store (file:PATH or a plain path, as MLflow reads them); None for other stores."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(os.path.abspath(unquote(parsed.path)))
+    bare = not parsed.scheme and uri not in BARE_SCHEMES
+    return Path(os.path.abspath(uri)) if uri and bare else None
+
+
+def not_a_file_store(path: Path) -> str:
+    """Why directory `path` is not an MLflow file store ('' when it may be one): it must hold an experiment (a
+    directory NUMBER/ with a meta.yaml)."""
+    if not path.exists():
+        return f"no MLflow store at {path}"
+    if not path.is_dir():
+        return (f"{path} is a file, not an MLflow file store (a directory); a SQLite store is named "
+                f"sqlite:///{path}")
+    try:
+        with os.scandir(path) as entries:
+            if any(e.name.isdigit() and os.path.isfile(os.path.join(e.path, "meta.yaml")) for e in entries):
+                return ""
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    return f"{path} is not an MLflow store: it holds no experiment (no NUMBER/meta.yaml)"
+
+
+def check_local(uri: str) -> None:
+    """Refuse in one line a SQLite file that does not exist, and a file store's path that is not one."""
+    path, directory = sqlite_file(uri), local_directory(uri)
+    if path and not path.exists():
+        raise UserError(f"no MLflow store at {path} (set --tracking-uri, or $MLFLOW_TRACKING_URI, to the store "
+                        "the runs logged to)")
+    problem = not_a_file_store(directory) if directory else ""
+    if problem:
+        raise UserError(problem)
+
+
 class Store:
-    """An MLflow store opened for reading: a SQLite file must exist (reading never creates one)."""
+    """An MLflow store opened for reading: a SQLite file or a file store's directory must exist and be one (reading
+    never creates a store)."""
 
     def __init__(self, uri: str) -> None:
-        path = sqlite_file(uri)
-        if path and not path.is_file():
-            raise UserError(f"no MLflow store at {path} (set --tracking-uri, or $MLFLOW_TRACKING_URI, to the store "
-                            "the runs logged to)")
+        check_local(uri)
         configure_http()
         try:  # a half-made SQLite store holding no runs is replaced by a whole one, as by training
             self.uri, self.client = uri, open_client(uri, create=False)
@@ -76,6 +130,9 @@ class Store:
             raise UserError(str(exc)) from None
         except OSError as exc:
             raise UserError(f"the MLflow store {uri} cannot be opened: {exc.strerror or exc}") from None
+        except Exception as exc:  # MLflow or SQLAlchemy refusing the URI: an unknown scheme, a malformed URL...
+            code = f" ({error_code(exc)})" if error_code(exc) else ""
+            raise UserError(f"the MLflow store {uri} cannot be opened: {first_line(exc)[:600]}{code}") from None
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment `name`; an unknown name is an error that lists the experiments there."""
@@ -104,7 +161,7 @@ class Store:
         info, data = run.info, run.data
         record = RunData(run_id=info.run_id, name=info.run_name or info.run_id[:8], status=info.status,
                          start_ms=int(info.start_time or 0), end_ms=info.end_time, params=dict(data.params),
-                         tags=dict(data.tags), latest=dict(data.metrics))
+                         tags=dict(data.tags), latest={k: restored(v) for k, v in data.metrics.items()})
         keys = {*CURVES, metric, *(k for k in data.metrics if k.endswith(DOWNSTREAM_SUFFIX))}
         for key in sorted(k for k in keys if k in data.metrics):
             history = guarded(lambda k=key: self.client.get_metric_history(info.run_id, k), self.uri,

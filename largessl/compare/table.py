@@ -1,10 +1,16 @@
 """One row per run (what it is, how far it got, what it cost, how good it is) and the config keys that differ
-between the runs; rendered for a terminal, as CSV and as JSON."""
+between the runs; rendered for a terminal, as CSV and as JSON.
+
+Metric values may be NaN or +-inf: they are shown as nan, inf and -inf, never ranked above a finite value, and
+left out of a best value, a median or a maximum when finite values exist. Params and tags are text: one that is not
+a number of the kind a column needs (a whole number of steps or ranks) is shown as absent.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from typing import Any
 
@@ -21,14 +27,20 @@ def higher_is_better(metric: str) -> bool:
     return "loss" not in metric
 
 
+def finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def last(curve: list[tuple[int, float]] | None) -> float | None:
     return curve[-1][1] if curve else None
 
 
 def best(curve: list[tuple[int, float]] | None, metric: str) -> float | None:
-    if not curve:
-        return None
-    values = [value for _, value in curve]
+    """The best of a history's finite values (the highest, or the lowest for a loss); when it has none, the value
+    logged last (nan, inf or -inf); None for no history."""
+    values = [value for _, value in curve or [] if math.isfinite(value)]
+    if not values:
+        return last(curve)
     return max(values) if higher_is_better(metric) else min(values)
 
 
@@ -43,17 +55,19 @@ def status(run: RunData, now_ms: int) -> str:
 
 def gpu_hours(run: RunData, now_ms: int) -> tuple[float, str]:
     """(device-hours, how they were counted): the trainer's `gpu_hours` (every job of the run, restarts included),
-    else, for runs from before it, world size x the MLflow run's wall time (queue time between jobs included)."""
-    if run.curves.get("gpu_hours"):
-        return max(v for _, v in run.curves["gpu_hours"]), "jobs"
-    world = float(run.tags.get("world_size") or run.params.get("derived.world_size") or 1)
+    else, for runs from before it (or without a finite value of it), world size x the MLflow run's wall time (queue
+    time between jobs included)."""
+    logged = [v for _, v in run.curves.get("gpu_hours", []) if math.isfinite(v)]
+    if logged:
+        return max(logged), "jobs"
+    world = world_size(run) or 1
     end = run.end_ms or (now_ms if run.status == "RUNNING" else run.last_ms or run.start_ms)
     return world * max(0, end - run.start_ms) / 3_600_000, "wall clock"
 
 
 def throughput(run: RunData) -> float | None:
-    """Median images/s over the run's progress lines after the first (which holds the start-up)."""
-    values = [v for _, v in run.curves.get("images_per_sec", [])]
+    """Median images/s over the run's progress lines after the first (which holds the start-up); finite ones only."""
+    values = [v for _, v in run.curves.get("images_per_sec", []) if math.isfinite(v)]
     return statistics.median(values[1:] if len(values) > 1 else values) if values else None
 
 
@@ -68,22 +82,36 @@ def steps_done(run: RunData) -> int:
 
 
 def number(text: str | None) -> float | None:
+    """A param or tag as a number (nan and inf included); None when absent or not a number."""
     try:
         return float(text) if text not in (None, "", "None") else None
-    except ValueError:
+    except (TypeError, ValueError):
         return None
+
+
+def count(text: str | None) -> int | None:
+    """A param or tag as a count (steps, ranks): a whole number from 1 to 2**63 - 1; else None."""
+    value = number(text)
+    if value is None or not math.isfinite(value) or not value.is_integer() or not 1 <= value < 2**63:
+        return None
+    return int(value)
+
+
+def world_size(run: RunData) -> int | None:
+    """The tag, rewritten by every job, else the param of the first job."""
+    return count(run.tags.get("world_size")) or count(run.params.get("derived.world_size"))
 
 
 def row(run: RunData, metric: str, extra: list[str], now_ms: int) -> dict[str, Any]:
     """The row of one run, in raw values (None where a run has no value)."""
     hours, counted = gpu_hours(run, now_ms)
-    planned = number(run.tags.get("max_steps") or run.params.get("trainer.max_steps"))  # params keep the first
+    planned = count(run.tags.get("max_steps")) or count(run.params.get("trainer.max_steps"))  # params: the first
     values = {
         "run": run.name, "run_id": run.run_id,
         "method": run.tags.get("method") or run.params.get("objective.name", ""),
         "model": run.tags.get("model") or run.params.get("model.name", ""),
-        "status": status(run, now_ms), "steps": steps_done(run), "max_steps": int(planned) if planned else None,
-        "epochs": last(run.curves.get("epoch")), "world_size": int(number(run.tags.get("world_size")) or 0) or None,
+        "status": status(run, now_ms), "steps": steps_done(run), "max_steps": planned,
+        "epochs": last(run.curves.get("epoch")), "world_size": world_size(run),
         f"best_{metric}": best(run.curves.get(metric), metric), f"last_{metric}": last(run.curves.get(metric)),
         "last_loss": last(run.curves.get("loss")), "images_per_sec": throughput(run), "gpu_hours": hours,
         "gpu_hours_counted": counted,
@@ -92,9 +120,16 @@ def row(run: RunData, metric: str, extra: list[str], now_ms: int) -> dict[str, A
 
 
 def ordered(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Best first by the metric's best value; runs without it last, by name."""
+    """Best first by the metric's best value; then the runs whose best is not finite (nan, inf, -inf), then those
+    without the metric, each group by name (and id)."""
     sign = -1.0 if higher_is_better(metric) else 1.0
-    return sorted(rows, key=lambda r: (r[f"best_{metric}"] is None, sign * (r[f"best_{metric}"] or 0.0), r["run"]))
+
+    def key(r: dict[str, Any]) -> tuple[int, float, str, str]:
+        value = r[f"best_{metric}"]
+        group = 0 if finite(value) else 1 if value is not None else 2
+        return group, sign * value if group == 0 else 0.0, r["run"], r["run_id"]
+
+    return sorted(rows, key=key)
 
 
 def differing(runs: list[RunData]) -> dict[str, list[str]]:
@@ -107,19 +142,22 @@ def differing(runs: list[RunData]) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- rendering
 
 
+def decimal(value: float, places: int) -> str:
+    """`value` with `places` decimals, short whatever it is: nan, inf, -inf; 4 significant digits from 1e6 on."""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{places}f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
 def cell(value: Any, column: str) -> str:
     """A value as the table shows it; '-' for none."""
     if value is None or value == "":
         return "-"
-    if isinstance(value, str):
-        return value
+    if isinstance(value, (str, int)):
+        return str(value)
     if column == "gpu_hours":
-        return f"{value:.3f}" if value < 100 else f"{value:.0f}"
-    if column == "images_per_sec":
-        return f"{value:.1f}"
-    if column == "epochs":
-        return f"{value:.2f}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+        return decimal(value, 3 if abs(value) < 100 else 0)
+    return decimal(value, {"images_per_sec": 1, "epochs": 2}.get(column, 4))
 
 
 HEADERS = {"run": "run", "method": "method", "model": "model", "status": "status", "steps": "steps",

@@ -19,6 +19,10 @@ open_client, which first makes the file at the store's path a whole store:
   says so in one line, with what to do. The store is never changed by largessl.
 - anything else (whole, made by a newer MLflow, not a database): left to MLflow.
 
+Opened for reading only (create=False: `largessl compare`, evaluation's attach), a path that is not an MLflow store
+(missing, a directory, unreadable, empty, not an SQLite database or one without MLflow's tables) is StoreUnusable,
+saying which, and is left as it is.
+
 Creations and replacements of one store take turns under a lock on .NAME.largessl-lock beside it (released by the
 kernel when its holder dies), so two jobs creating one store both end up using one whole store.
 """
@@ -48,6 +52,7 @@ NEW_TAG = ".largessl-new-"  # .NAME.largessl-new-PID-HEX: a store being made
 COMPANIONS = ("-journal", "-wal", "-shm")  # SQLite's files beside a database, which go where it goes
 CONTENTS = {"runs": "run(s)", "experiments": "experiment(s)", "registered_models": "registered model(s)"}
 CONFLICTS = ("already exists", "duplicate column")  # MLflow re-running a migration a cut-short one half did
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
 
 _THREADS = threading.Lock()  # the file lock excludes other processes; this, other threads of this one
 
@@ -73,13 +78,42 @@ class Shape:
 
 
 def open_client(uri: str, create: bool = True) -> Any:
-    """An MlflowClient for store `uri`, a SQLite one once its file is a whole store (absent: created when `create`,
-    else StoreUnusable). Raises StoreUnusable (one line, to be shown as it is) or StoreBusy (try again later)."""
+    """An MlflowClient for store `uri`, a SQLite one once its file is a whole store (absent: created when `create`;
+    else a file that is not an MLflow store is StoreUnusable). Raises StoreUnusable (one line, to be shown as it
+    is) or StoreBusy (try again later)."""
     from mlflow.tracking import MlflowClient
 
     path = sqlite_file(uri)
+    problem = unreadable(path) if path and not create else ""
+    if problem:
+        raise StoreUnusable(problem)
     holding = ensure_whole(path, create) if path else ""
     return _upgraded(uri, path, holding) if path and holding else MlflowClient(tracking_uri=uri)
+
+
+def unreadable(path: Path) -> str:
+    """Why `path` cannot be read as an MLflow store ('' when it may be one): it is missing, not a regular file,
+    unreadable, empty, not an SQLite database, or one without any of MLflow's tables (another program's)."""
+    if not path.exists():
+        return f"no MLflow store at {path}"
+    if not path.is_file():
+        return f"{path} is {'a directory' if path.is_dir() else 'not a regular file'}, not an MLflow store"
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"MLflow store {path} cannot be read ({exc.strerror or exc})"
+    if header != SQLITE_HEADER:
+        return f"{path} is {'an empty file' if not header else 'not an SQLite database'}, not an MLflow store"
+    try:
+        shape = _read(path)
+    except sqlite3.Error as exc:
+        return f"MLflow store {path} cannot be read ({exc})"
+    if shape is None:
+        return f"{path} is a damaged SQLite database, not a usable MLflow store"
+    if not shape.tables & _schema()[0]:
+        return f"{path} is an SQLite database without MLflow's tables (another program's?), not an MLflow store"
+    return ""
 
 
 def ensure_whole(path: Path, create: bool = True) -> str:
