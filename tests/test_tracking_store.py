@@ -23,7 +23,7 @@ import pytest
 from largessl.compare.runs import Store
 from largessl.config.schema import TrackingConfig
 from largessl.errors import UserError
-from largessl.tracking import NullTracker, Tracker, delivery
+from largessl.tracking import NullTracker, Tracker, delivery, sqlite_store
 
 WORKER = Path(__file__).with_name("store_worker.py")
 KILLED = {"signal": int(signal.SIGKILL)}
@@ -268,6 +268,7 @@ def test_a_half_made_store_holding_nothing_is_set_aside_and_replaced(
     path, uri = store_in(tmp_path)
     shutil.copy(half_made, path)
     original = digest(path)
+    sqlite_store._schema()  # MLflow imported before the 1 s below: a cold import alone can take longer
     waiting = log(start(tmp_path / "run", uri, flush_timeout_s=1), range(1, 3))
     waiting._delivery.thread.join(10)  # type: ignore[union-attr]  # its thread is gone before the file is aged
     assert "another process may be making it" in capsys.readouterr().err  # just written: left alone for now
@@ -349,3 +350,28 @@ def test_a_store_an_older_mlflow_made_is_upgraded_as_mlflow_does(
     assert MlflowClient(tracking_uri=uri).get_run(OLD_RUN).info.run_name == "older-run"
     assert whole(path) and leftovers(path) == []
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aged", [False, True])
+def test_another_programs_database_is_never_set_aside_nor_replaced(tmp_path: Path, capsys: Capture,
+                                                                   aged: bool) -> None:
+    """tracking.uri naming an SQLite database of another program (tables, none of them MLflow's): training says so
+    in one line and keeps its metrics for a later job; comparison and evaluation refuse it; the file is untouched,
+    however long ago it was written."""
+    path, uri = store_in(tmp_path)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada')")
+        db.commit()
+    if aged:
+        age(path)
+    original = digest(path)
+    log(start(tmp_path / "run", uri, flush_timeout_s=5), range(1, 3))
+    said = [line for line in capsys.readouterr().err.splitlines() if "another program" in line]
+    assert said == [f"warning: {path} is an SQLite database of another program (tables users), not an MLflow store; "
+                    "it is left as it is: choose another store (tracking.uri); nothing is sent this job"], said
+    assert steps(tmp_path / "run") == [1, 2]
+    with pytest.raises(UserError, match="without MLflow's tables"):
+        Store(uri)
+    assert type(Tracker.attach(uri, OLD_RUN)) is NullTracker
+    assert digest(path) == original and leftovers(path) == []

@@ -120,6 +120,10 @@ def ensure_whole(path: Path, create: bool = True) -> str:
     """Make `path` a whole MLflow store if it is absent (when `create`) or half-made and holds nothing. Returns ''
     when MLflow can now take it as it is, else what it holds ('3 run(s)'): not whole, left to MLflow's upgrade."""
     verdict, shape = _judge(path)
+    if verdict == "other" and shape:
+        tables = ", ".join(sorted(shape.tables)[:4])
+        raise StoreUnusable(f"{path} is an SQLite database of another program (tables {tables}), not an MLflow "
+                            "store; it is left as it is: choose another store (tracking.uri)")
     if verdict not in ("absent", "half-made"):
         return _left(verdict, shape, path)
     if verdict == "absent" and not create:
@@ -166,7 +170,8 @@ def _upgraded(uri: str, path: Path, holding: str) -> Any:
 
 def _judge(path: Path) -> tuple[str, Shape | None]:
     """'absent'; 'whole'; 'foreign' (not a database, or from a newer MLflow: MLflow says what it makes of it);
-    'holding' (not whole, holds data) or 'half-made' (not whole, holds nothing)."""
+    'other' (another program's database: refused, never replaced); 'holding' (not whole, holds data) or
+    'half-made' (not whole, holds nothing)."""
     if not path.exists():
         return "absent", None
     shape = _read(path)
@@ -176,7 +181,16 @@ def _judge(path: Path) -> tuple[str, Shape | None]:
         return "whole", shape
     if shape.version and shape.version not in _schema()[2]:
         return "foreign", shape
+    if another_programs(shape.tables):
+        return "other", shape
     return ("holding" if shape.contents else "half-made"), shape
+
+
+def another_programs(tables: frozenset[str]) -> bool:
+    """Whether a database's tables are another program's: some, none of them MLflow's (SQLite's own and alembic's
+    version table, which a store cut short while being made may hold alone, do not count)."""
+    own = {name for name in tables if not name.startswith("sqlite_") and name != "alembic_version"}
+    return bool(own) and not own & _schema()[0]
 
 
 def _read(path: Path) -> Shape | None:
