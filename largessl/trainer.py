@@ -16,7 +16,7 @@ from largessl.config.load import dump_config
 from largessl.config.loader import to_dict
 from largessl.config.schema import PretrainConfig
 from largessl.data.build import build_train_loader, describe_plan, plan_training
-from largessl.data.gpu_decode import to_device
+from largessl.data.gpu_decode import covered_rows, to_device
 from largessl.data.index import open_split
 from largessl.data.loader import DataPosition, kill_workers
 from largessl.distributed import comm
@@ -311,7 +311,7 @@ class Trainer:
         sync(self.env.device)
         terms = interval.mean_terms()
         keys = sorted(terms, key=lambda k: (k != "loss", k))
-        corrupt = torch.tensor(float(self.position.corrupt), device=self.env.device)
+        corrupt = torch.tensor(float(self.position.corrupt + covered_rows(self.device_stage)), device=self.env.device)
         means = comm.all_reduce_mean(torch.stack([*(terms[k] for k in keys), corrupt])).tolist()  # one collective
         step_time = interval.step_time()
         metrics = {k: float(v) for k, v in zip(keys, means[:-1], strict=True)}

@@ -1,6 +1,8 @@
 """The GPU input path (data.decode=gpu, data/gpu_decode.py), run here with device=cpu: the same per-sample draws as
 the CPU path (crop box, flip, then MAE's mask noise or CAE's block mask), the same crops to within the two bicubic
-kernels, corrupt JPEGs skipped or blacked out, and MAE training through it."""
+kernels, what the worker refuses refused by the CPU path too, a JPEG the device cannot decode decoded by Pillow or
+stood in for by another row (never a black image), and MAE training through it (hostile shards through both paths:
+test_gpu_input_hostile.py)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,20 @@ from conftest import read_metrics, run_largessl
 from PIL import Image
 from test_train import ok
 
+from largessl.data import gpu_decode
 from largessl.data.gpu_decode import (
     CAEEncodedTransform,
     DeviceViews,
     EncodedImage,
     MAEEncodedTransform,
     collate_encoded,
+    covered_rows,
 )
 from largessl.data.index import open_split
-from largessl.data.loader import decode_image
+from largessl.data.loader import decode_image, read_image
 from largessl.data.stream import read_range
 from largessl.data.transforms import CAETransform, MAETransform
+from largessl.errors import DataError
 from largessl.rng import seed_everything
 
 SIZE, PATCHES = 96, 36
@@ -73,25 +78,72 @@ def jpeg_bytes(image: Image.Image, **options: object) -> bytes:
     return out.getvalue()
 
 
-def test_what_the_worker_cannot_pass_on_is_refused_and_a_bad_body_becomes_black() -> None:
+def test_the_worker_refuses_what_the_cpu_path_refuses_with_the_same_reason() -> None:
     photo = Image.effect_mandelbrot((64, 48), (-2, -1.2, 1, 1.2), 60).convert("RGB")
     good, grey = jpeg_bytes(photo), jpeg_bytes(photo.convert("L"))
     png = io.BytesIO()
     photo.save(png, format="PNG")
-    cmyk = jpeg_bytes(photo.convert("CMYK"))
-    for data in (good[: len(good) // 2], png.getvalue(), cmyk, b"\xff\xd8junk\xff\xd9"):
-        assert EncodedImage.of({"jpg": data}) is None
-    assert EncodedImage.of({"jpg": grey}).size == EncodedImage.of({"jpg": good}).size == (64, 48)
-    scan = good.index(b"\xff\xda")  # no start of scan: a header and an end marker, nothing to decode
-    broken = good[:scan] + b"\xff\xd9"
-    assert decode_image({"jpg": broken}) is None  # the CPU path skips it; the device stage blacks it out
-    items = [MAEEncodedTransform(32, (1.0, 1.0), 4)(EncodedImage.of({"jpg": data})) for data in (good, broken, grey)]
-    batch = DeviceViews(32)(collate_encoded(items), CPU)
-    assert batch["valid"].tolist() == [True, False, True] and batch["image"].shape == (3, 3, 32, 32)
-    black = (torch.zeros(3, 1, 1) - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
-        [0.229, 0.224, 0.225])[:, None, None]
-    assert torch.allclose(batch["image"][1], black.expand(3, 32, 32), atol=1e-5)
-    assert batch["image"][2].std() > 0.1  # the greyscale JPEG decodes as RGB
+    scan = good.index(b"\xff\xda")  # a header and an end marker, no scan: nothing to decode
+    refused = {"half": good[: len(good) // 2], "png": png.getvalue(), "cmyk": jpeg_bytes(photo.convert("CMYK")),
+               "junk": b"\xff\xd8junk\xff\xd9", "no scan": good[:scan] + b"\xff\xd9", "trailer": good + bytes(65)}
+    for name, data in refused.items():
+        reason = EncodedImage.read({"jpg": data})
+        assert isinstance(reason, str) and reason == read_image({"jpg": data}), name
+    assert EncodedImage.read({"png": png.getvalue()}) == read_image({"png": png.getvalue()}) == "no .jpg member"
+    assert EncodedImage.of({"jpg": grey}).size == EncodedImage.of({"jpg": good + bytes(64)}).size == (64, 48)
+    assert read_image({"jpg": grey}).size == (64, 48)
+
+
+def failing_decoder(monkeypatch: pytest.MonkeyPatch, bad: bytes) -> None:
+    """decode_jpeg as a stricter device decoder would be: it fails on `bad` (and on any batch holding it)."""
+    real = gpu_decode.decode_jpeg
+
+    def decode(data: object, *args: object, **kwargs: object) -> object:
+        if any(bytes(row.numpy()) == bad for row in (data if isinstance(data, list) else [data])):
+            raise RuntimeError("nvjpeg: status 6\nmore detail")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", decode)
+
+
+def three_rows(size: int = 32) -> tuple[list[bytes], dict[str, torch.Tensor]]:
+    photo = Image.effect_mandelbrot((64, 48), (-2, -1.2, 1, 1.2), 60).convert("RGB")
+    data = [jpeg_bytes(photo), jpeg_bytes(photo.rotate(90, expand=True)), jpeg_bytes(photo.convert("L"))]
+    seed_everything(4)
+    items = [MAEEncodedTransform(size, (0.3, 1.0), 4)(EncodedImage.of({"jpg": one})) for one in data]
+    for label, item in enumerate(items):
+        item["label"] = torch.tensor(label)
+    return data, collate_encoded(items)
+
+
+def test_a_jpeg_the_device_cannot_decode_is_decoded_by_pillow(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    data, batch = three_rows()
+    expected = DeviceViews(32)({k: v.clone() for k, v in batch.items()}, CPU)
+    failing_decoder(monkeypatch, data[1])
+    stage = DeviceViews(32)
+    out = stage(batch, CPU)
+    assert out["valid"].tolist() == [True, True, True] and covered_rows(stage) == 0
+    assert (out["image"] - expected["image"]).abs().mean() < 0.01  # Pillow's pixels: libjpeg's, as the device's
+    assert "row 1) did not decode on cpu (nvjpeg: status 6); decoded by Pillow instead" in capsys.readouterr().err
+
+
+def test_a_row_that_decodes_nowhere_is_replaced_by_another_row_never_black(monkeypatch: pytest.MonkeyPatch,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    data, batch = three_rows()
+    failing_decoder(monkeypatch, data[1])
+    monkeypatch.setattr(gpu_decode, "host_decode", lambda _: "does not decode: broken")
+    stage = DeviceViews(32)
+    out = stage(batch, CPU)
+    assert out["valid"].tolist() == [True, False, True] and covered_rows(stage) == 1
+    for key in ("image", "mask_noise", "label"):  # row 0's sample, its crop and its mask stand in for row 1
+        assert torch.equal(out[key][1], out[key][0]), key
+    assert not torch.equal(out["image"][2], out["image"][0]) and out["image"][1].std() > 0.1
+    assert "row 1) passed the worker's check but decodes neither" in capsys.readouterr().err
+    failing_decoder(monkeypatch, data[0])
+    with pytest.raises(DataError, match="none of the 1 JPEGs of a batch decodes"):
+        stage(collate_encoded([MAEEncodedTransform(32, (0.3, 1.0), 4)(EncodedImage.of({"jpg": data[0]}))]), CPU)
+    assert covered_rows(stage) == 2 and covered_rows(None) == 0
 
 
 @pytest.mark.slow  # ~45 s each: two short trainings

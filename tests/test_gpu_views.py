@@ -133,3 +133,27 @@ def test_a_method_without_a_gpu_path_is_refused_in_one_line() -> None:
 
     with pytest.raises(UserError, match="data.decode=gpu: linear has no GPU input path"):
         objective_class("linear").input_transforms(None, None, "gpu")
+
+
+def test_a_view_whose_jpeg_decodes_nowhere_takes_another_rows_views(mini_shards: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """DINO's and SIM's device stage share the MAE one's decoding (test_gpu_decode.py): a row that decodes neither
+    on the device nor with Pillow takes a decodable row's views, draws and label, marked valid false."""
+    from largessl.data import gpu_decode
+
+    samples = raw_samples(mini_shards, 3)
+    worker = SIMEncodedTransform(4, 6, crop_scale=(0.08, 1.0), min_num_patches=2)
+    seed_everything(7)
+    items = [worker(EncodedImage.of(sample)) for sample in samples]
+
+    def device_fails(*_: object, **__: object) -> None:
+        raise RuntimeError("not on this device")
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", device_fails)  # every row goes to Pillow, the last fails there
+    monkeypatch.setattr(gpu_decode, "host_decode", lambda data: "no" if data == samples[2]["jpg"] else
+                        decode_image({"jpg": data}))
+    stage = sim_device_views(SIZE)
+    batch = stage(collate_encoded(items), CPU)
+    assert batch["valid"].tolist() == [True, True, False] and stage.covered == 1
+    for key in ("view1", "view2", "mask", "geometry"):
+        assert torch.equal(batch[key][2], batch[key][0]) and not torch.equal(batch[key][1], batch[key][0]), key

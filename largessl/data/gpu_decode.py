@@ -2,36 +2,36 @@
 the augmentation, the device decodes and applies it.
 
 On the CPU path a DataLoader worker decodes each JPEG and augments it (data/transforms.py). At MAE ViT-B speeds that
-is the bottleneck (../shared/docs/performance.md section 5), so here the worker only reads the JPEG's header, draws
-the sample's random parameters from the same per-sample seed in the same order as the CPU transform (the crop box,
-the flip, the mask noise), and passes the JPEG bytes on. The trainer's device stage then decodes the batch in one
-call (torchvision's `decode_jpeg`, nvJPEG on a GPU) and crops, resizes (bicubic, antialiased), flips and
-normalises each image on the device. Same parameters, same crops: the pixels differ from the CPU path's only by
-the two resize kernels (PIL's and torch's bicubic), which the tests bound.
+is the bottleneck (../shared/docs/performance.md section 5), so here the worker only checks the JPEG (without
+decoding it, below), draws the sample's random parameters from the same per-sample seed in the same order as the
+CPU transform (the crop box, the flip, the mask noise), and passes the JPEG bytes on. The trainer's device stage
+then decodes the batch in one call (torchvision's `decode_jpeg`, nvJPEG on a GPU) and crops, resizes (bicubic,
+antialiased), flips and normalises each image on the device. Same parameters, same crops: the pixels differ from
+the CPU path's only by the two resize kernels (PIL's and torch's bicubic), which the tests bound.
 
-What the worker cannot read as an RGB or greyscale baseline/progressive JPEG (another format, CMYK, a header that
-does not parse, data without the end-of-image marker) is skipped and recorded as the CPU path skips an undecodable
-image. A JPEG that passes that check but fails to decode on the device is decoded again alone; one that still
-fails becomes a black image, marked `valid` false, with a warning line.
+The worker's check is the CPU path's (data/jpeg_check.py): a sample whose header claims more pixels than Pillow's
+MAX_IMAGE_PIXELS, that is not an RGB or greyscale Huffman-coded JPEG, or whose structure is broken anywhere (scan
+data included) is skipped and counted before anything is decoded or allocated for it, so both paths skip the same
+samples. What still fails to decode on the device (a decoder stricter than libjpeg) is decoded again alone, then by
+Pillow on the host, the CPU path's decoder. A row that fails there too (a gap in the check: it never happens on the
+tests' hostile shards) is replaced by a copy of a decodable row of the batch, marked `valid` false, reported and
+counted in `data/corrupt_images`; no black image is trained on.
 """
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from largessl.console import err_line
 from largessl.data.gpu_colour import lanczos_resize
+from largessl.data.jpeg_check import checked_jpeg, first_line, host_decode
 from largessl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-JPEG_EXTENSIONS = ("jpg", "jpeg")
-END_OF_IMAGE = b"\xff\xd9"
+from largessl.errors import DataError
 
 
 class EncodedImage:
@@ -51,17 +51,16 @@ class EncodedImage:
         return torch.zeros(()).expand(1, height, width)
 
     @classmethod
+    def read(cls, sample: dict[str, Any]) -> EncodedImage | str:
+        """The sample's checked JPEG (data/jpeg_check.py, as on the CPU path), or the reason it is skipped."""
+        checked = checked_jpeg(sample)
+        return checked if isinstance(checked, str) else cls(checked[0], *checked[1])
+
+    @classmethod
     def of(cls, sample: dict[str, Any]) -> EncodedImage | None:
-        data = next((sample[ext] for ext in JPEG_EXTENSIONS if ext in sample), None)
-        if data is None or END_OF_IMAGE not in data[-64:]:
-            return None
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-                    return None
-                return cls(data, *image.size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return None
+        """`read`, with None for a refused sample."""
+        image = cls.read(sample)
+        return None if isinstance(image, str) else image
 
 
 class MAEEncodedTransform:
@@ -108,7 +107,19 @@ def collate_encoded(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     return {**rest, "jpeg": jpeg, "jpeg_length": lengths}
 
 
-class DeviceViews:
+class DecodingStage:
+    """What the device stages share: decoding the batch's JPEGs, with rows that decode nowhere stood in for."""
+
+    covered = 0  # rows replaced by another row of their batch (counted in data/corrupt_images)
+
+    def decoded(self, batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """[3, H, W] uint8 images on `device`, one per row; sets batch["valid"]."""
+        images = decode_all(batch.pop("jpeg"), batch.pop("jpeg_length").tolist(), device)
+        self.covered += images.count(None)
+        return replace_undecoded(batch, images, device)
+
+
+class DeviceViews(DecodingStage):
     """The device half: decode the batch's JPEGs, then crop, resize, flip and normalise each into "image"; with a
     `tokenizer_size`, also CAE's DALL-E view of the same crop and flip, Lanczos-resized, in [0, 1]."""
 
@@ -120,10 +131,8 @@ class DeviceViews:
         self.size, self.tokenizer_size = image_size, tokenizer_size
 
     def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        images = decode_all(batch.pop("jpeg"), batch.pop("jpeg_length").tolist(), device)
-        batch["valid"] = torch.tensor([image is not None for image in images], device=device)
+        images = self.decoded(batch, device)
         boxes, flips = batch.pop("crop_box").tolist(), batch.pop("flip").tolist()
-        images = [or_black(image, box, device) for image, box in zip(images, boxes, strict=True)]
         batch["image"] = torch.stack([normalize(crop(image, box, flip, self.size))
                                       for image, box, flip in zip(images, boxes, flips, strict=True)])
         if self.tokenizer_size > 0:
@@ -140,12 +149,29 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device, stage: Any =
     return stage(batch, device) if stage is not None else batch
 
 
-def or_black(image: torch.Tensor | None, box: list[int], device: torch.device) -> torch.Tensor:
-    """A JPEG that did not decode stands as a black image just large enough for its box (drawn for the real
-    size)."""
-    if image is not None:
-        return image
-    return torch.zeros(3, box[0] + box[2], box[1] + box[3], dtype=torch.uint8, device=device)
+def covered_rows(stage: Any) -> int:
+    """Rows the device stage replaced so far (0 without one): the trainer adds them to data/corrupt_images."""
+    return getattr(stage, "covered", 0)
+
+
+def replace_undecoded(batch: dict[str, torch.Tensor], images: list[torch.Tensor | None],
+                      device: torch.device) -> list[torch.Tensor]:
+    """The images, where a row decoded nowhere (None) a copy of the first decodable row: its image and every
+    per-sample key (its crops, masks and label), marked `valid` false. A batch with no decodable row stops the
+    run in one line."""
+    valid = [image is not None for image in images]
+    batch["valid"] = torch.tensor(valid, device=device)
+    if not any(valid):
+        raise DataError(f"none of the {len(images)} JPEGs of a batch decodes on {device} or with Pillow, although "
+                        "the worker's check passed them; data.decode=cpu skips them")
+    donor = valid.index(True)
+    for row in (row for row, ok in enumerate(valid) if not ok):
+        for key, value in batch.items():
+            if key != "valid" and value.dim() and len(value) == len(images):  # the per-sample keys
+                value[row] = value[donor]
+        err_line(f"warning: a JPEG of this batch (row {row}) passed the worker's check but decodes neither on "
+                 f"{device} nor with Pillow; row {donor}'s sample stands in for it (counted in data/corrupt_images)")
+    return [image if image is not None else images[donor] for image in images]
 
 
 def crop(image: torch.Tensor, box: list[int], flip: bool, size: int) -> torch.Tensor:
@@ -170,20 +196,24 @@ def normalize(image_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def decode_all(jpeg: torch.Tensor, lengths: list[int], device: torch.device) -> list[torch.Tensor | None]:
-    """[3, H, W] uint8 images on `device` (None where a JPEG does not decode): the batch in one call, or one by
+    """[3, H, W] uint8 images on `device` (None where a JPEG decodes nowhere): the batch in one call, or one by
     one when that call fails."""
     data = [jpeg[row, :length] for row, length in enumerate(lengths)]
     target = device if device.type == "cuda" else "cpu"
     try:
         return [image.to(device) for image in decode_jpeg(data, mode=ImageReadMode.RGB, device=target)]
     except RuntimeError:
-        images = []
-        for index, one in enumerate(data):
-            try:
-                images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=target).to(device))
-            except RuntimeError as exc:
-                err_line(f"warning: a JPEG of this batch (row {index}) did not decode on {device}, replaced by a "
-                         f"black image: {str(exc).splitlines()[0][:200]}")
-                images.append(None)
-        return images
+        return [decode_one(one, row, target, device) for row, one in enumerate(data)]
 
+
+def decode_one(data: torch.Tensor, row: int, target: Any, device: torch.device) -> torch.Tensor | None:
+    """One JPEG on `target`; failing that, by Pillow on the host (the CPU path's decoder: its pixels are what the
+    CPU path trains on); None when neither decodes it."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=target).to(device)
+    except RuntimeError as exc:
+        image = host_decode(data.numpy().tobytes())
+        outcome = "does not decode with Pillow either" if isinstance(image, str) else "decoded by Pillow instead"
+        err_line(f"warning: a JPEG of this batch (row {row}) did not decode on {device} "
+                 f"({first_line(exc)}); {outcome}")
+        return None if isinstance(image, str) else TF.pil_to_tensor(image).to(device)

@@ -16,7 +16,7 @@ import torch
 from torchvision.transforms import v2
 
 from largessl.data.gpu_colour import ColourDraw, apply_colour
-from largessl.data.gpu_decode import EncodedImage, crop, decode_all, normalize, or_black
+from largessl.data.gpu_decode import DecodingStage, EncodedImage, crop, normalize
 from largessl.data.masking import BlockMaskGenerator
 from largessl.data.siamese import CROP_RATIO, ViewBox, relative_geometry
 
@@ -44,8 +44,7 @@ class DINOEncodedTransform:
         views += [self.view(self.local_crop, self.local_colour, source) for _ in range(self.num_local)]
         boxes = torch.tensor([box for box, _ in views]).reshape(-1, 5)
         colour = torch.stack([params for _, params in views])
-        return {"jpeg": image.tensor(), "image_size": torch.tensor(image.size[::-1]),
-                "global_boxes": boxes[:2], "local_boxes": boxes[2:],
+        return {"jpeg": image.tensor(), "global_boxes": boxes[:2], "local_boxes": boxes[2:],
                 "global_colour": colour[:2], "local_colour": colour[2:]}
 
 
@@ -67,8 +66,7 @@ class SIMEncodedTransform:
         colour = torch.stack([draw() for draw in self.colour])
         boxes = [[box.top, width - box.left - box.width if box.flip else box.left, box.height, box.width,
                   float(box.flip)] for box in drawn]
-        return {"jpeg": image.tensor(), "image_size": torch.tensor(image.size[::-1]),
-                "boxes": torch.tensor(boxes), "colour": colour, "mask": self.masks(),
+        return {"jpeg": image.tensor(), "boxes": torch.tensor(boxes), "colour": colour, "mask": self.masks(),
                 "geometry": relative_geometry(drawn[0], drawn[1], width)}
 
 
@@ -83,21 +81,18 @@ def render(images: list[torch.Tensor], boxes: torch.Tensor, colour: torch.Tensor
     return normalize(coloured * 255).reshape(count, views, 3, size, size)
 
 
-class RenderedViews:
+class RenderedViews(DecodingStage):
     """The device half for DINO and SIM: decode the batch, then render each group of views (the batch key of its
-    boxes and of its colour parameters -> its output key and size), marking what did not decode `valid` false."""
+    boxes and of its colour parameters -> its output key and size); rows as DecodingStage makes them."""
 
     def __init__(self, groups: dict[str, tuple[str, str, int]], split: dict[str, tuple[str, ...]] | None = None
                  ) -> None:
         self.groups, self.split = groups, split or {}
         # left in host memory: what decode_jpeg, the crops and the colour operations read there (DeviceViews)
-        self.host_keys = ("jpeg", "jpeg_length", "image_size", *groups, *(colour for colour, _, _ in groups.values()))
+        self.host_keys = ("jpeg", "jpeg_length", *groups, *(colour for colour, _, _ in groups.values()))
 
     def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        decoded = decode_all(batch.pop("jpeg"), batch.pop("jpeg_length").tolist(), device)
-        batch["valid"] = torch.tensor([image is not None for image in decoded], device=device)
-        sizes = batch.pop("image_size").tolist()
-        images = [or_black(image, [0, 0, *size], device) for image, size in zip(decoded, sizes, strict=True)]
+        images = self.decoded(batch, device)
         for boxes_key, (colour_key, out_key, size) in self.groups.items():
             batch[out_key] = render(images, batch.pop(boxes_key), batch.pop(colour_key), size)
         for key, names in self.split.items():  # SIM: "views" [B, 2, ...] -> "view1", "view2"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import io
 import itertools
 import json
 import os
@@ -27,12 +26,12 @@ from torch.utils.data._utils import signal_handling
 
 from largessl.console import err_line
 from largessl.data.index import SplitIndex
+from largessl.data.jpeg_check import checked_jpeg, host_decode
 from largessl.data.stream import RawSample, StreamPlan, derive_seed, read_range
 from largessl.errors import DataError
 from largessl.lifecycle import STOP_SIGNALS, die_with_parent
 from largessl.rng import seed_everything
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Transform = Callable[[Image.Image], dict[str, torch.Tensor]]
 
 
@@ -46,16 +45,17 @@ class ReaderState:
     corrupt: int = 0
 
 
+def read_image(sample: RawSample) -> Image.Image | str:
+    """The CPU path: the sample's JPEG, checked as on the GPU path (data/jpeg_check.py), then decoded by Pillow as
+    RGB; or the reason it is skipped."""
+    checked = checked_jpeg(sample)
+    return checked if isinstance(checked, str) else host_decode(checked[0])
+
+
 def decode_image(sample: RawSample) -> Image.Image | None:
-    """The sample's image as RGB, or None when it is missing or cannot be decoded."""
-    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if data is None:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")  # also forces the decode, so truncated files fail here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+    """The sample's image as RGB, or None when it is refused or does not decode."""
+    image = read_image(sample)
+    return None if isinstance(image, str) else image
 
 
 def label_of(sample: RawSample) -> int:
@@ -75,9 +75,10 @@ class CorruptLog:
     def __init__(self, path: str | None, rank: int) -> None:
         self.path, self.rank = path, rank
 
-    def record(self, sample: RawSample, epoch: int) -> None:
+    def record(self, sample: RawSample, epoch: int, reason: str = "") -> None:
         entry = {"key": sample.get("__key__"), "shard": sample.get("__url__"), "rank": self.rank, "epoch": epoch}
-        err_line(f"warning: skipped undecodable image {entry['key']} in {entry['shard']}")
+        why = f": {reason}" if reason else ""
+        err_line(f"warning: skipped undecodable image {entry['key']} in {entry['shard']}{why}")
         if self.path:
             with open(self.path, "a") as f:  # one short append per line: safe across worker processes
                 f.write(json.dumps(entry) + "\n")
@@ -140,14 +141,16 @@ class TrainStream(IterableDataset):
     def __init__(self, plan: StreamPlan, transform: Transform, *, rank: int, world_size: int, num_workers: int,
                  states: dict[int, ReaderState] | None = None, rotation: int = 0, corrupt_log: CorruptLog,
                  encoded: bool = False) -> None:
-        """`encoded`: the transform takes the checked JPEG bytes (data/gpu_decode.py), not a decoded image."""
+        """`encoded`: the transform takes the checked JPEG bytes (data/gpu_decode.py), not a decoded image. Both
+        paths skip the samples data/jpeg_check.py refuses; the CPU path also what Pillow then fails to decode."""
         self.plan, self.transform, self.rank, self.world_size = plan, transform, rank, world_size
+        self.decode: Callable[[RawSample], Any]
         if encoded:
             from largessl.data.gpu_decode import EncodedImage, collate_encoded
 
-            self.decode, self.collate = EncodedImage.of, collate_encoded
+            self.decode, self.collate = EncodedImage.read, collate_encoded
         else:
-            self.decode, self.collate = decode_image, collate
+            self.decode, self.collate = read_image, collate
         self.num_readers = max(1, num_workers)
         self.states = states or {}
         self.rotation = rotation
@@ -170,10 +173,10 @@ class TrainStream(IterableDataset):
             sample = next(stream)
             state.raw_pos += 1
             image = self.decode(sample)
-            if image is None:
+            if isinstance(image, str):  # the reason it is skipped
                 state.corrupt += 1
                 bad_in_a_row += 1
-                self.corrupt_log.record(sample, state.epoch)
+                self.corrupt_log.record(sample, state.epoch, image)
                 if bad_in_a_row > self.plan.num_samples:
                     raise DataError(f"no decodable image in the whole training split "
                                     f"({len(self.plan.shards)} shards in {Path(self.plan.shards[0].path).parent})")
