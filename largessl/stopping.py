@@ -19,11 +19,14 @@ from largessl.launch import slurm
 from largessl.lifecycle import STOPS, Stopped, signal_name
 
 
-def stop_point(env: DistEnv, phase: str, note: Callable[[str], None]) -> None:
+def stop_point(env: DistEnv, phase: str, note: Callable[[str], None], *, last: bool = False) -> None:
     """A start-up phase begins: the watchdog's clock starts again, and a stop signal that any rank got so far
-    (during the imports, the build, resuming) ends the job here (raises Stopped on every rank)."""
+    (during the imports, the build, resuming) ends the job here (raises Stopped on every rank). After the `last`
+    one, training's stop checks take over from start-up's (lifecycle.StopSignals)."""
     watchdog.mark(f"start-up: {phase}")
     signum = int(comm.all_reduce_max(torch.tensor([float(STOPS.received)], device=env.device))[0])
+    if signum or last:
+        STOPS.started()
     if signum:
         note(f"stopped by {signal_name(signum)} during start-up ({phase}); nothing new to save")
         raise Stopped(signum)

@@ -122,7 +122,7 @@ class Trainer:
         stop_point(self.env, "starting the data loader", self.note)
         self.batches = self._start_loader()  # workers fork before the tracker starts its thread
         self.tracker = self._start_tracking(client_state)
-        stop_point(self.env, "first step", self.note)
+        stop_point(self.env, "first step", self.note, last=True)
         self.note(f"training from step {self.step} to {cfg.trainer.max_steps}; a progress line every "
                   f"{cfg.trainer.log_every} steps")
 

@@ -154,3 +154,58 @@ def test_a_store_that_never_answers_names_rank_0_within_seconds() -> None:
         why, silent = dog.judge(dog._connect(), 1)
     assert silent == [0] and "rendezvous store at" in why and "rank 0" in why
     assert time.monotonic() - started < 30
+
+
+def state(pid: int) -> str:
+    """The process's state letter (R, S, T for stopped...), '' when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def test_a_rank_held_in_start_up_ends_on_a_stop_signal_within_the_grace(mini_shards: Path, tmp_path: Path) -> None:
+    """Rank 0 freezes at its first start-up stop point (a fault: SIGSTOP), so rank 1 waits in that stop point's
+    collective, its main thread blocked in C where no Python signal handler runs. SIGTERM to rank 1 still ends it,
+    STARTUP_GRACE_S later, with one line (heard on its signal thread), not at the launcher's SIGKILL."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    from largessl.lifecycle import STARTUP_GRACE_S
+
+    marker = "run.name=held"
+    env = {**child_env(tmp_path), "LARGESSL_FAULT": "rank=0 step=0 phase=start-up: run directory signal=SIGSTOP"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(free_port()), "-m", "largessl", *args(mini_shards, "held", *SMALL)], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_line(job, "process group up")
+        deadline = time.monotonic() + 60
+        while not ((rank0 := rank_process(marker, 0)) and state(rank0) == "T"):
+            assert time.monotonic() < deadline, "rank 0 did not freeze"
+            time.sleep(0.2)
+        rank1 = rank_process(marker, 1)
+        assert rank1, "rank 1 not found"
+        time.sleep(2)  # rank 1 reaches the collective rank 0 never joins
+        os.kill(rank1, signal.SIGTERM)
+        sent, lines = time.monotonic(), []
+        for line in job.stderr:
+            lines.append(line)
+            if "no stop point came within" in line:
+                break
+        took = time.monotonic() - sent
+        assert lines and lines[-1].strip() == (
+            f"[rank 1] stopped by SIGTERM during start-up, and no stop point came within {STARTUP_GRACE_S:.0f} s "
+            "(this rank is held: by a rank that is gone, or a filesystem that does not answer): ending now; "
+            "nothing new to save"), "".join(lines)[-3000:]
+        assert STARTUP_GRACE_S + 4 <= took < STARTUP_GRACE_S + 15  # REQUEUE_LEAD_S (5 s) after the grace on rank 1
+        deadline = time.monotonic() + 10
+        while state(rank1) not in ("", "Z"):
+            assert time.monotonic() < deadline, "rank 1 still running"
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+    assert_none_left(marker)
