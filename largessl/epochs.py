@@ -1,11 +1,12 @@
 """Schedules stated in epochs: `trainer.epochs` for `trainer.max_steps`, `optim.warmup_epochs` for
 `optim.warmup_steps`, and the objective's own pairs (DINO's teacher-temperature warmup and last-layer freeze).
 
-A config sets exactly one key of each pair. A recipe stated in epochs is right on any dataset: the step counts are
-resolved when a run starts, from the training split's sample count in dataset.json and the global batch, with
-floor(samples / global batch) optimizer steps per epoch (the official MAE, DINO and CAE loops drop the last
-incomplete batch of each epoch). A command-line override of one key of a pair replaces the recipe's other key, so
-`trainer.max_steps=50` shortens a recipe written in epochs.
+A config sets exactly one key of each pair. The step counts are resolved when a run starts, with floor(epoch samples /
+global batch) optimizer steps per epoch (the official MAE, DINO and CAE loops drop the last incomplete batch of each
+epoch). An epoch is `trainer.epoch_samples` samples where a recipe states its epochs in a reference dataset's (the
+shipped pretraining recipes: ImageNet-1k's 1,281,167, so 1600 epochs mean the same compute on ImageNet-22K), else
+the training split's sample count in dataset.json. A command-line override of one key of a pair replaces the
+recipe's other key, so `trainer.max_steps=50` shortens a recipe written in epochs.
 """
 
 from __future__ import annotations
@@ -57,14 +58,17 @@ def check_pair(section: Any, prefix: str, epochs: str, steps: str) -> None:
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     steps = num_samples // global_batch
     if steps == 0:
-        raise ConfigError(f"optim.global_batch_size: {global_batch} is larger than the training split "
-                          f"({num_samples} samples), so an epoch has no step; lower it or set steps instead of epochs")
+        raise ConfigError(f"optim.global_batch_size: {global_batch} is larger than an epoch ({num_samples} samples), "
+                          "so an epoch has no step; lower it or set steps instead of epochs")
     return steps
 
 
 def resolve(cfg: Any, num_samples: int) -> tuple[Any, list[str]]:
-    """A copy of `cfg` with every step key of a pair given in epochs filled in; and one phrase per resolved key."""
+    """A copy of `cfg` with every step key of a pair given in epochs filled in; and one phrase per resolved key.
+    An epoch is trainer.epoch_samples samples when set (a recipe's reference dataset), else the training split's
+    `num_samples`."""
     resolved = copy.deepcopy(cfg)
+    epoch = cfg.trainer.epoch_samples or num_samples
     per_epoch = 0
     said = []
     for section_name, epochs, steps in PAIRS:
@@ -72,9 +76,18 @@ def resolve(cfg: Any, num_samples: int) -> tuple[Any, list[str]]:
         value = getattr(section, epochs, None)
         if value is None:
             continue
-        per_epoch = per_epoch or steps_per_epoch(num_samples, cfg.optim.global_batch_size)
+        per_epoch = per_epoch or steps_per_epoch(epoch, cfg.optim.global_batch_size)
         setattr(section, steps, round(value * per_epoch))
         said.append(f"{section_name}.{steps}={getattr(section, steps)} ({value:g} epochs)")
     if said:
-        said.insert(0, f"{per_epoch} steps per epoch ({num_samples} samples // {cfg.optim.global_batch_size})")
+        said.insert(0, f"{per_epoch} steps per epoch ({epoch} samples // {cfg.optim.global_batch_size}"
+                       f"{reference(cfg.trainer.epoch_samples, num_samples)})")
     return resolved, said
+
+
+def reference(epoch_samples: int | None, num_samples: int) -> str:
+    """'' for epochs of the training split; else how trainer.epoch_samples's epoch compares with the split."""
+    if not epoch_samples:
+        return ""
+    passes = epoch_samples / num_samples
+    return f"; an epoch is trainer.epoch_samples, {passes:.3g} passes over data.train's {num_samples}"

@@ -8,6 +8,8 @@ table, there is no peak and only `tflops_per_gpu` is reported.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 # Dense bf16 tensor-core peaks, TFLOP/s, by vendor datasheets; the first name that occurs in the device's name wins.
@@ -45,6 +47,22 @@ class Speed:
         except NotImplementedError:  # an objective without a FLOP model: no tflops, no mfu
             self.flops_per_image = None
         self.peak, self.world_size = peak_tflops(device, override), world_size
+
+    def plan(self, cfg: Any, step: int, num_samples: int) -> str:
+        """The work left from `step` (of a PretrainConfig's schedule), said before the first step: the images, as
+        passes over the training split; where the FLOP model and the device's peak are known, the FLOPs and the
+        least device-hours they take (at 100% of the peak: a bound, not an estimate; the progress lines give the
+        ETA at the measured speed)."""
+        images = (cfg.trainer.max_steps - step) * cfg.optim.global_batch_size
+        text = f"{images:,} images, {images / num_samples:.3g} passes over data.train's {num_samples:,} samples"
+        if self.flops_per_image:
+            total = self.flops_per_image * images
+            text += f"; {total:.3g} FLOPs"
+            if self.peak:
+                hours = total / (self.peak * 1e12) / 3600
+                text += (f", at least {hours:,.1f} device-hours at the {self.peak:g} TFLOP/s peak "
+                         f"({hours / self.world_size:,.1f} h on {self.world_size} devices)")
+        return f"{text}; a progress line (with the ETA) every {cfg.trainer.log_every} steps"
 
     def metrics(self, images_per_sec: float) -> dict[str, float]:
         if self.flops_per_image is None:

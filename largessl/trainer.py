@@ -123,8 +123,8 @@ class Trainer:
         self.batches = self._start_loader()  # workers fork before the tracker starts its thread
         self.tracker = self._start_tracking(client_state)
         stop_point(self.env, "first step", self.note, last=True)
-        self.note(f"training from step {self.step} to {cfg.trainer.max_steps}; a progress line every "
-                  f"{cfg.trainer.log_every} steps")
+        self.note(f"training from step {self.step} to {cfg.trainer.max_steps}: "
+                  + self.speed.plan(cfg, self.step, self.train_index.num_samples))
 
     @property
     def zero_stage(self) -> int:

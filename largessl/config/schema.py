@@ -21,8 +21,12 @@ class TrainerConfig:
     max_steps: int | None = 1000
     """Optimizer steps to train for; the lr schedule ends here. Or set `epochs` instead (then this is null)."""
     epochs: float | None = None
-    """Epochs of the training split to train for, instead of max_steps (largessl/epochs.py: resolved at start-up
-    from dataset.json's sample count, floor(samples / global batch) steps per epoch)."""
+    """Epochs to train for, instead of max_steps (largessl/epochs.py: resolved at start-up, floor(epoch samples /
+    global batch) steps per epoch, the epoch being `epoch_samples`, else the training split's sample count)."""
+    epoch_samples: int | None = None
+    """Samples in one epoch of a schedule stated in epochs (trainer.epochs, optim.warmup_epochs, the objective's):
+    the shipped pretraining recipes set ImageNet-1k's 1,281,167, the dataset their epochs were published on, so they
+    plan the same steps on any dataset (ImageNet-22K included). null: epochs of the training split."""
     log_every: int = 10
     """Print a progress line and log metrics every this many optimizer steps."""
     ckpt_every: int = 1000
@@ -39,6 +43,8 @@ class TrainerConfig:
         check_pair(self, prefix, "epochs", "max_steps")
         require(self.max_steps is None or self.max_steps > 0, f"{prefix}.max_steps", "must be > 0")
         require(self.epochs is None or self.epochs > 0, f"{prefix}.epochs", "must be > 0")
+        require(self.epoch_samples is None or self.epoch_samples > 0, f"{prefix}.epoch_samples",
+                "must be > 0 (or null: epochs of the training split)")
         require(self.log_every > 0, f"{prefix}.log_every", "must be > 0")
         require(self.ckpt_every > 0, f"{prefix}.ckpt_every", "must be > 0")
         require(self.keep_last > 0, f"{prefix}.keep_last", "must be > 0")
