@@ -104,16 +104,16 @@ class Trainer:
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device,
                              make_optimizer=partial(make_optimizer, cfg=cfg.optim))
-        self.note(f"DeepSpeed engine: ZeRO-{self.zero_stage}, {cfg.distributed.precision}, "
-                  f"{self.engine.num_parameters() / 1e6:.1f}M parameters; {cfg.optim.global_batch_size} images per "
-                  f"step = {cfg.data.micro_batch_size} x {self.accumulation} accumulation x {self.env.world_size} "
-                  "rank(s)")
+        self.note(self.engine.describe(cfg, self.accumulation, self.env.world_size))
         self.teacher = EMATeacher.of(self.engine)
         if self.teacher:
             self.note(self.teacher.describe())
         self.evals = InTrainingEval(cfg, self.engine.module, self.env, self.tracker_log, self.note)
         self.guard = FiniteGuard(self.env.device, grad_overflow_is_skipped=cfg.distributed.precision == "fp16")
-        rng.seed_everything(cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
+        self._resume_and_start()
+
+    def _resume_and_start(self) -> None:
+        rng.seed_everything(self.cfg.trainer.seed + 1 + self.env.rank)  # independent drop-path etc. per rank
         stop_point(self.env, "resuming", self.note)
         client_state = self._load_checkpoint()  # before the run directory takes this config
         self._record_config()
@@ -123,8 +123,8 @@ class Trainer:
         self.batches = self._start_loader()  # workers fork before the tracker starts its thread
         self.tracker = self._start_tracking(client_state)
         stop_point(self.env, "first step", self.note, last=True)
-        self.note(f"training from step {self.step} to {cfg.trainer.max_steps}: "
-                  + self.speed.plan(cfg, self.step, self.train_index.num_samples))
+        self.note(f"training from step {self.step} to {self.cfg.trainer.max_steps}: "
+                  + self.speed.plan(self.cfg, self.step, self.train_index.num_samples))
 
     @property
     def zero_stage(self) -> int:

@@ -142,6 +142,12 @@ class Engine:
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
+    def describe(self, cfg: Any, accumulation: int, world_size: int) -> str:
+        """The engine in one line, for the start-up (`cfg`: the run's PretrainConfig)."""
+        return (f"DeepSpeed engine: ZeRO-{self.zero_stage}, {cfg.distributed.precision}, "
+                f"{self.num_parameters() / 1e6:.1f}M parameters; {cfg.optim.global_batch_size} images per step = "
+                f"{cfg.data.micro_batch_size} x {accumulation} accumulation x {world_size} rank(s)")
+
     def num_parameters(self) -> int:
         """Elements of the whole model, also when ZeRO-3 holds only a partition of each parameter here."""
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
