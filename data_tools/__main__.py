@@ -204,7 +204,8 @@ def add_inspect(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("out", type=Path, metavar="OUT", help="dataset directory")
     inspect.add_argument("--split", metavar="NAME", help="only this split (default: all splits)")
     inspect.add_argument("--sheet", type=Path, metavar="PNG", help="contact-sheet path (default: "
-                                                                   "OUT/contact_sheet.png)")
+                                                                   "./NAME_contact_sheet.png, NAME the dataset "
+                                                                   "directory's; the dataset is left as it is)")
     inspect.add_argument("--samples", type=positive, default=48, metavar="N",
                          help="images on the contact sheet (default: 48)")
     inspect.add_argument("--seed", type=int, default=0, metavar="N",

@@ -50,10 +50,16 @@ def inspect(out: Path, *, split: str | None, sheet: Path | None, samples: int, s
         print(f"\n[{split}] {index['splits'][split]['num_samples']:,} samples in {len(entries):,} shards")
         print_shard_stats(entries)
         print_histogram(histogram, classes)
-    path = sheet or out / "contact_sheet.png"
+    path = sheet or default_sheet(out)
     contact_sheet(paths, classes, samples, seed).save(path)
     print(f"\ncontact sheet: {path}")
     return 0
+
+
+def default_sheet(out: Path) -> Path:
+    """Where the contact sheet goes without --sheet: the working directory, named after the dataset (a dataset
+    directory is often shared or read-only, and is left as it is)."""
+    return Path.cwd() / f"{out.resolve().name}_contact_sheet.png"
 
 
 def checked_path(out: Path, split: str, n: int, file: str) -> Path:

@@ -112,6 +112,15 @@ def subprocess_peak_rss_growth(code: str) -> tuple[int, str]:
 
 # --- 1. paths stay inside their directories ------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test works in its own directory: inspect writes its contact sheet into the working directory."""
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    return here
+
+
 @pytest.fixture()
 def outside_shard(tmp_path: Path) -> tuple[Path, dict]:
     """A dataset of one good shard, and a byte-identical copy of that shard outside the dataset directory."""
@@ -139,7 +148,7 @@ def test_shard_entries_must_stay_in_the_dataset(entry: str, outside_shard: tuple
         assert f"shard entry {entry!r}" in output and "FAILED" in output
     assert convert("inspect", out, "--workers", "1") == 2
     assert f"shard entry {entry!r}" in one_error_line(capsys)
-    assert not (out / "contact_sheet.png").exists()
+    assert not (out / "contact_sheet.png").exists() and not list(Path.cwd().glob(f"{out.name}_contact_sheet.png"))
 
 
 def test_a_symlinked_shard_inside_the_dataset_is_fine(outside_shard: tuple[Path, dict],
@@ -510,11 +519,14 @@ def test_inspect_counts_bad_labels_and_undecodable_images(labels: list[bytes], t
     members = [m for n, label in enumerate(labels) for m in sample_members(f"s{n}", label)]
     members += [("broken.jpg", b"\xff\xd8 not really a jpeg"), ("broken.json", b"{}")]  # unlabelled, undecodable
     index_with(out, [raw_shard(out / "train-000000.tar", members)])
+    here = Path.cwd()  # the test's own (working_directory)
     assert convert("inspect", out, "--workers", "1", "--samples", "8") == 0
     output = capsys.readouterr().out
     bad = sum(not (label.strip().isdigit() and int(label) < len(CLASSES)) for label in labels)
     assert f"{bad} sample(s) with a label that is not a class index" in output
-    with Image.open(out / "contact_sheet.png") as sheet:  # every sample shown, the undecodable one as a tile
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train-000000.tar"]  # the dataset untouched
+    assert f"contact sheet: {here / 'ds_contact_sheet.png'}" in output
+    with Image.open(here / "ds_contact_sheet.png") as sheet:  # every sample shown, the undecodable one as a tile
         assert sheet.size == (min(8, len(labels) + 1) * 160, 160 + 14)
 
 
