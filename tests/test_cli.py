@@ -131,6 +131,19 @@ def test_pretrain_help_lists_the_recipes_and_the_sections(tmp_path: Path) -> Non
     assert "base_lr, min_lr, global_batch_size" in result.stdout and "local_crops" in result.stdout
 
 
+@pytest.mark.parametrize("protocol", ["linear", "attentive", "finetune"])
+def test_each_protocols_help_lists_its_keys(protocol: str, tmp_path: Path) -> None:
+    import dataclasses
+
+    from largessl.eval.protocol_config import PROTOCOL_CONFIGS
+
+    result = run_cli(["eval", protocol, "--help"], tmp_path)
+    assert result.returncode == 0
+    listed = result.stdout.split("config keys", 1)[1]
+    keys = [f.name for f in dataclasses.fields(PROTOCOL_CONFIGS[protocol]) if f.name != "name"]
+    assert len(keys) >= 5 and all(f" {key}," in listed or f" {key}\n" in listed for key in keys), listed
+
+
 def test_eval_knn_help_shows_each_default(tmp_path: Path) -> None:
     result = run_cli(["eval", "knn", "--help"], tmp_path)
     assert result.returncode == 0

@@ -53,7 +53,8 @@ def add_parsers(protocols: argparse._SubParsersAction, formatter: type) -> None:
             description=f"{HELP[protocol]}.\nRuns through the pretraining trainer (DeepSpeed, resume, MLflow): rerun "
                         f"the same command to resume.\nPrints {METRICS[protocol]} last and writes "
                         f"RUN_DIR/eval/{protocol}_stepNNNNNNNN.json.",
-            epilog=f"shipped evaluation recipes (--config NAME; the default is chosen by method and model):\n{recipes}")
+            epilog=f"shipped evaluation recipes (--config NAME; the default is chosen by method and model):\n{recipes}"
+                   f"\n\n{protocol_keys(protocol)}")
         add_inputs(parser, checkpoint="pretraining run directory (its newest complete checkpoint, or --step)",
                    train="labelled dataset directory to train on", val="labelled dataset directory for top-1")
         parser.add_argument("--step", type=int, default=None, metavar="N", help="evaluate the checkpoint of this step")
@@ -61,6 +62,18 @@ def add_parsers(protocols: argparse._SubParsersAction, formatter: type) -> None:
                             help="an evaluation recipe or YAML file (default: the method's and model's own)")
         parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
         parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def protocol_keys(protocol: str) -> str:
+    """The protocol's own keys and the sections it shares with pretraining, for its --help."""
+    import dataclasses
+    import textwrap
+
+    keys = ", ".join(f.name for f in dataclasses.fields(PROTOCOL_CONFIGS[protocol]) if f.name != "name")
+    return ("config keys (section.key=value after the options; --print-config shows every value):\n"
+            + textwrap.fill(f"objective: {keys}", 118, initial_indent="  ", subsequent_indent="    ")
+            + "\n  model, data, optim, trainer, distributed, run, tracking, eval: as for pretraining "
+            "(largessl pretrain --help)")
 
 
 def default_recipe(protocol: str, run_cfg: PretrainConfig) -> str:
