@@ -82,13 +82,15 @@ def each_file(function: Callable[[Path], str], tag_dir: Path, names: list[str]) 
 # ----------------------------------------------------------------------------- writing
 
 
+def spans(start: int, size: int, segment: int) -> list[tuple[int, int]]:
+    """(offset, length) of a file's segments from `start` (a segment boundary) to `size`; one of length 0 for an
+    empty file."""
+    return [(offset, min(segment, size - offset)) for offset in range(start, max(size, 1), segment)]
+
+
 def segments(tag_dir: Path, names: list[str], segment: int) -> list[tuple[str, int, int]]:
-    """(name, offset, length) of every segment of every file (one, of length 0, for an empty file)."""
-    pieces = []
-    for name in names:
-        size = (tag_dir / name).stat().st_size
-        pieces += [(name, start, min(segment, size - start)) for start in range(0, max(size, 1), segment)]
-    return pieces
+    """(name, offset, length) of every segment of every file."""
+    return [(name, *span) for name in names for span in spans(0, (tag_dir / name).stat().st_size, segment)]
 
 
 class Crc32:
@@ -131,7 +133,7 @@ def segment_digest(path: Path, start: int, length: int, algorithm: str) -> bytes
 
 def segment_digests(path: Path, start: int, size: int, algorithm: str, segment: int) -> list[bytes]:
     """The digests of `path`'s segments from `start` (a segment boundary) to `size`, on a thread pool."""
-    pieces = [(offset, min(segment, size - offset)) for offset in range(start, max(size, 1), segment)]
+    pieces = spans(start, size, segment)
     with ThreadPoolExecutor(threads(len(pieces))) as pool:
         return list(pool.map(lambda piece: segment_digest(path, piece[0], piece[1], algorithm), pieces))
 
