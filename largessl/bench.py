@@ -46,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
     cfg = bench_config(args)
+    from largessl.cpus import announce
     from largessl.preflight import check_pretrain
 
     check_pretrain(cfg)
+    announce(cfg.data.num_workers, "data.num_workers")
     with tempfile.TemporaryDirectory(prefix="largessl-bench-") as scratch:
         from dataclasses import replace
 

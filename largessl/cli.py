@@ -46,6 +46,8 @@ def add_pretrain(commands: argparse._SubParsersAction) -> None:
 
 
 def add_eval(commands: argparse._SubParsersAction) -> None:
+    from largessl.cpus import default_workers
+
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint", formatter_class=HelpFormatter)
     protocols = evaluate.add_subparsers(dest="protocol", required=True, parser_class=Parser)
     knn = protocols.add_parser(
@@ -65,14 +67,15 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
     knn.add_argument("--batch-size", type=int, default=128, metavar="N", help="images per feature-extraction batch")
     knn.add_argument("--pool", choices=("cls", "mean"), default="cls",
                      help="image feature: the [cls] output, or the mean patch output (CAE trains no [cls] loss)")
-    knn.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
-                     help="DataLoader worker processes (default: the cores, at most 8)")
+    knn.add_argument("--num-workers", type=int, default=default_workers(), metavar="N",
+                     help="DataLoader worker processes (default: the usable CPUs less one, at most 8)")
     add_parsers(protocols, HelpFormatter)
     add_fewshot_parser(protocols, HelpFormatter)
 
 
 def pretrain(args: argparse.Namespace) -> int:
     from largessl.config.load import dump_config, load_config
+    from largessl.cpus import announce
     from largessl.lifecycle import die_with_launcher
     from largessl.preflight import check_pretrain
 
@@ -82,6 +85,7 @@ def pretrain(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     check_pretrain(cfg)  # before torch is imported: a wrong path or batch size is said in a second
+    announce(cfg.data.num_workers, "data.num_workers")
     if os.environ.get("RANK", "0") == "0":
         print(f"run {Path(cfg.run.output_dir) / cfg.run.name}: loading PyTorch, DeepSpeed and timm", flush=True)
     from largessl.trainer import train
@@ -90,12 +94,14 @@ def pretrain(args: argparse.Namespace) -> int:
 
 
 def eval_knn(args: argparse.Namespace) -> int:
+    from largessl.cpus import announce
     from largessl.preflight import check_eval_knn
 
     if args.k <= 0 or args.temperature <= 0 or args.batch_size <= 0 or args.num_workers < 0:
         raise UserError("--k, --temperature and --batch-size must be > 0, --num-workers >= 0")
     check_eval_knn(args.checkpoint, {"--train": (args.train, args.train_split), "--val": (args.val, args.val_split)},
                    step=args.step)
+    announce(args.num_workers, "--num-workers")
     from largessl.eval.standalone import run_knn
 
     result = run_knn(args.checkpoint, args.train, args.val, step=args.step, train_split=args.train_split,

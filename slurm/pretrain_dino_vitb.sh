@@ -21,7 +21,7 @@
 ##SBATCH --account=my_account
 set -euo pipefail
 
-export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+# CPU threads per task: --cpus-per-task less data.num_workers, chosen by largessl and said at start-up
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun of SLURM 22.05-23.02 does not inherit --cpus-per-task
 PY="${LARGESSL_PYTHON:-python}"
 
