@@ -87,14 +87,20 @@ def shard_path(root: Path, file: object) -> Path:
 
     The one rule every reader of the index applies (largessl training, verify, inspect), so a hand-edited or
     hostile dataset.json cannot make any of them open a file outside the dataset directory."""
-    if not isinstance(file, str) or not file or file in (".", "..") or "/" in file or "\\" in file or "\0" in file:
-        raise ValueError(f"shard entry {file!r} is not a file name inside the dataset directory")
-    path = root / file
+    path = root / plain_file_name(file)
     if path.is_symlink():
         real_root = root.resolve()
         if real_root not in path.resolve().parents:
             raise ValueError(f"shard entry {file!r} is a symlink to {path.resolve()}, outside {real_root}")
     return path
+
+
+def plain_file_name(file: object) -> str:
+    """`file` itself; ValueError unless it is a plain file name: no directory part, no `..`, not absolute. The text
+    half of `shard_path`, also applied to datasets read from a URL (largessl/data/remote.py)."""
+    if not isinstance(file, str) or not file or file in (".", "..") or "/" in file or "\\" in file or "\0" in file:
+        raise ValueError(f"shard entry {file!r} is not a file name inside the dataset directory")
+    return file
 
 
 def shard_name(split: str, number: int) -> str:

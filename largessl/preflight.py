@@ -2,6 +2,8 @@
 well under two seconds instead of after start-up: the config (already validated when loaded), the datasets the
 run reads (each directory, its dataset.json, the split and its shard files) and the batch arithmetic for this
 job's world size. The trainer checks the same again when it opens them; this only makes the failure early.
+A dataset at an http(s) URL is checked with its dataset.json and a HEAD request per shard; one read by a pipe:
+command with its dataset.json only (data/remote.py): no shard is downloaded here.
 
 Only global rank 0 checks the datasets (the others would find the same on a shared filesystem, and print the
 same line N times); if it stops, the launcher ends the other ranks.
@@ -18,10 +20,12 @@ from largessl.distributed.env import read_env
 from largessl.epochs import resolve
 from largessl.errors import ConfigError
 
-NEEDS = {"data.train": "is required: a shard dataset directory (docs/shard-format.md; python -m data_tools writes one)",
+NEEDS = {"data.train": "is required: a shard dataset directory, http(s) URL or pipe: command (docs/shard-format.md; "
+                       "python -m data_tools writes one)",
          "eval.knn_train": "needs a dataset for eval.knn_every: set data.train (or eval.knn_train)",
          "eval.knn_val": "needs a dataset for eval.knn_every: set data.val (or eval.knn_val)",
-         "data.val": "is required by an evaluation protocol (its top-1): a labelled shard dataset directory"}
+         "data.val": "is required by an evaluation protocol (its top-1): a labelled shard dataset (directory, URL or "
+                     "pipe: command)"}
 
 
 def check_pretrain(cfg: PretrainConfig) -> None:
@@ -58,7 +62,8 @@ def check_file(key: str, path: str) -> None:
 
 
 def check_dataset(key: str, root: str, split: str) -> SplitIndex:
-    """`root` names a dataset directory with `split` and all its shards; the error names `key`."""
+    """`root` names a dataset (directory, URL or pipe: command) with `split` and all its shards; the error names
+    `key`."""
     if not root:
         raise ConfigError(f"{key}: {NEEDS.get(key, 'is required: a shard dataset directory')}")
     return open_split(root, split, key)

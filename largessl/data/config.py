@@ -14,11 +14,13 @@ class DataConfig:
     """The shard datasets, batch size per rank and the streaming/loader settings."""
 
     train: str = ""
-    """Training dataset directory (shard-format.md: holds dataset.json and the shards)."""
+    """Training dataset: a directory holding dataset.json and the shards (shard-format.md), an http(s) base URL
+    serving them, or pipe:COMMAND with {} for each file's name (docs/data.md)."""
     train_split: str = "train"
     """Split of `train` to pretrain on."""
     val: str = ""
-    """Dataset directory for evaluation (k-NN queries); empty: no evaluation data."""
+    """Dataset for evaluation (k-NN queries): directory, URL or pipe: command as `train`; empty: no evaluation
+    data."""
     val_split: str = "val"
     """Split of `val` used as k-NN queries."""
     micro_batch_size: int = 64

@@ -16,7 +16,6 @@ import signal
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -179,7 +178,7 @@ class TrainStream(IterableDataset):
                 self.corrupt_log.record(sample, state.epoch, image)
                 if bad_in_a_row > self.plan.num_samples:
                     raise DataError(f"no decodable image in the whole training split "
-                                    f"({len(self.plan.shards)} shards in {Path(self.plan.shards[0].path).parent})")
+                                    f"({len(self.plan.shards)} shards in {self.plan.shards[0].home})")
                 continue
             bad_in_a_row = 0
             # torch, NumPy and Python's RNGs: timm's RandAugment and random erasing (fine-tuning) draw from the last two

@@ -15,6 +15,8 @@ Modes:
   workers and micro-batch size: a run resumed on another world size continues sample for sample.
 - resampled: each slot draws shards with replacement (webdataset's resampled mode).
 A corrupt image makes its slot read on past its range (wrapping around the epoch) to fill its batches.
+A shard read from a URL or a pipe: command whose stream breaks off is read again from its start, skipping the samples
+already given (data/remote.py), so a network failure neither loses samples nor shifts the stream.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import random
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from largessl.console import err_line
 from largessl.data.index import Shard
+from largessl.data.remote import read_with_retries
+from largessl.data.remote import verify_hint as dataset_hint
 from largessl.errors import DataError
 
 RawSample = dict[str, Any]  # {"__key__": str, "jpg": bytes, "cls": bytes, "json": bytes, ...}
@@ -62,7 +65,7 @@ def warn_once(key: str, message: str) -> None:
 
 def verify_hint(shards: tuple[Shard, ...] | list[Shard]) -> str:
     """What to run on the dataset the shards come from."""
-    return f"check the dataset with: python -m data_tools verify {Path(shards[0].path).parent}"
+    return dataset_hint(shards[0].home)
 
 
 def count_mismatch(shard: Shard, found: int) -> str:
@@ -73,14 +76,13 @@ def read_shard(shard: Shard, skip: int = 0, *, exact: bool = True) -> Iterator[R
     """The samples of one shard in file order (undecoded), after skipping the first `skip`.
 
     A shard holding fewer samples than dataset.json says is an error when `exact` (the epoch plan, and so exact
-    resume, is built on those counts), a warning otherwise."""
+    resume, is built on those counts), a warning otherwise. A shard read from a URL or a pipe: command whose stream
+    breaks off is read again, a bounded number of times, without giving a sample twice (data/remote.py)."""
     found = 0
     try:
-        with open(shard.path, "rb") as stream:
-            members = tar_file_expander([{"url": shard.path, "stream": stream}])
-            for found, sample in enumerate(group_by_keys(members), 1):
-                if found > skip:
-                    yield sample
+        for found, sample in read_with_retries(shard.path, _tar_samples):
+            if found > skip:
+                yield sample
     except FileNotFoundError:
         raise DataError(f"missing shard {shard.path}") from None
     except (tarfile.TarError, OSError, ValueError) as exc:
@@ -89,6 +91,10 @@ def read_shard(shard: Shard, skip: int = 0, *, exact: bool = True) -> Iterator[R
         if exact:
             raise DataError(count_mismatch(shard, found))
         warn_once(shard.path, count_mismatch(shard, found))
+
+
+def _tar_samples(stream: BinaryIO, url: str) -> Iterator[RawSample]:
+    return group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
 
 
 def read_range(shards: list[Shard], start: int, stop: int, *, exact: bool = True) -> Iterator[RawSample]:
@@ -111,7 +117,7 @@ def read_range(shards: list[Shard], start: int, stop: int, *, exact: bool = True
 
 
 def no_samples(shards: tuple[Shard, ...] | list[Shard]) -> DataError:
-    return DataError(f"the shards of {Path(shards[0].path).parent} yield no samples at all although dataset.json "
+    return DataError(f"the shards of {shards[0].home} yield no samples at all although dataset.json "
                      f"lists {sum(s.num_samples for s in shards)}; {verify_hint(shards)}")
 
 
