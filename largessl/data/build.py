@@ -27,11 +27,15 @@ def plan_training(cfg: DataConfig, index: SplitIndex, *, seed: int, world_size: 
 
 
 def describe_plan(plan: StreamPlan, index: SplitIndex) -> str:
+    """The data plan's line. Its unit is a pass over the data, as the readers deliver it, not the schedule's epoch
+    (floor(samples / global batch) steps, said by the trainer), which a pass differs from by the samples the
+    readers' whole batches leave out."""
     mode = "resampled shards" if plan.resampled else f"exact epochs, {plan.order} order"
     left_out = "" if plan.resampled else (
-        f"; {plan.num_samples - plan.epoch_samples} samples per epoch left out (different ones each epoch)")
+        f"; {plan.num_samples - plan.epoch_samples} samples left out of each pass (different ones each pass)")
     return (f"data: {index.root} [{index.split}]: {plan.num_samples} samples in {len(plan.shards)} shards, {mode}; "
-            f"{plan.num_slots} readers, {plan.epoch_chunks} batches of {plan.batch_size} per epoch{left_out}")
+            f"{plan.num_slots} readers, {plan.epoch_chunks} micro-batches of {plan.batch_size} per pass over the "
+            f"data{left_out}")
 
 
 def build_train_loader(cfg: DataConfig, plan: StreamPlan, transform: Transform, *, rank: int, world_size: int,

@@ -19,13 +19,17 @@ from typing import Any
 from largessl.config.load import config_from_tree, find_recipe, list_recipes, recipe_summary
 from largessl.config.loader import read_yaml, to_dict
 from largessl.config.schema import PretrainConfig
+from largessl.cpus import announce, default_workers
 from largessl.data.index import open_split
+from largessl.distributed.env import read_env
 from largessl.errors import UserError
+from largessl.eval.fit import fit
 from largessl.eval.labels import check as check_labels
 from largessl.eval.protocol_config import METRICS, PROTOCOL_CONFIGS
 from largessl.eval.source import open_pretrained
 
 ARCH = {"vit_base_patch16": "vitb16", "vit_large_patch16": "vitl16", "vit_huge_patch14": "vith14"}
+SMALLER = ("vit_tiny_patch16", "vit_small_patch16", "vit_tiny_patch14", "vit_small_patch14")
 HELP = {"linear": "linear probe on frozen features (MAE/CAE/SIM: BN + Linear, LARS; DINO: last-4 [cls], SGD)",
         "attentive": "CAE's attentive probe: one query token cross-attends the frozen tokens, BN, Linear",
         "finetune": "fine-tune the whole encoder (layer decay, drop path, mixup/cutmix, RandAugment)"}
@@ -76,32 +80,37 @@ def protocol_keys(protocol: str) -> str:
             "(largessl pretrain --help)")
 
 
-def default_recipe(protocol: str, run_cfg: PretrainConfig) -> str:
-    """The shipped recipe of a protocol for the run's method and model (configs/eval/)."""
+def default_recipe(protocol: str, run_cfg: PretrainConfig) -> tuple[str, str]:
+    """The shipped recipe of a protocol for the run's method and model (configs/eval/), and what is said of a
+    stand-in: a model smaller than ViT-B (the demo's ViT-Tiny) is fine-tuned with the ViT-B/16 recipe."""
     method = run_cfg.objective.name
     if protocol == "linear":
-        return "eval/linear_dino" if method == "dino" else "eval/linear"
+        return ("eval/linear_dino" if method == "dino" else "eval/linear"), ""
     if protocol == "attentive":
-        return "eval/attentive"
+        return "eval/attentive", ""
     arch = ARCH.get(run_cfg.model.name, "")
     shipped = list_recipes("eval")
     for name in (f"eval/finetune_{method}_{arch}", f"eval/finetune_{arch}"):
         if arch and name in shipped:
-            return name
+            return name, ""
+    if run_cfg.model.name in SMALLER:
+        return "eval/finetune_vitb16", (f"finetune: no recipe for {run_cfg.model.name}; using eval/finetune_vitb16, "
+                                        "MAE's ViT-B/16 recipe (--config to choose another)")
     raise UserError(f"finetune: no shipped fine-tuning recipe for a {method} {run_cfg.model.name} run; pass "
                     f"--config (shipped: {', '.join(n for n in shipped if 'finetune' in n)})")
 
 
-def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConfig, int, str]:
-    """(the evaluation's config, the pretraining run's config, the evaluated step, what is said of the two splits'
-    labels: eval/labels.py); errors before torch loads."""
+def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConfig, int, list[str]]:
+    """(the evaluation's config fitted to this job (eval/fit.py), the pretraining run's config, the evaluated step,
+    the lines to say: the two splits' labels (eval/labels.py) and each fitted key); errors before torch loads."""
     pretrained = open_pretrained(args.checkpoint, args.step)
     run_cfg, step = pretrained.config, pretrained.step
     if run_cfg.objective.name in PROTOCOL_CONFIGS:
         raise UserError(f"--checkpoint: {args.checkpoint} is an evaluation run; give the pretraining run directory")
     train = open_split(args.train, args.train_split, "--train")
     labels = check_labels(train, open_split(args.val, args.val_split, "--val"), ("--train", "--val"))  # or refused
-    recipe = find_recipe(args.config or default_recipe(args.protocol, run_cfg), kind="eval")
+    default, stand_in = ("", "") if args.config else default_recipe(args.protocol, run_cfg)
+    recipe = find_recipe(args.config or default, kind="eval")
     base = read_yaml(recipe)
     classes = train.classes
     if len(classes) < 2:
@@ -120,7 +129,9 @@ def build_config(args: argparse.Namespace) -> tuple[PretrainConfig, PretrainConf
     tracking = pretrained.tracking(args.tracking_uri)
     run_tracking = {"uri": tracking.uri, "experiment": f"{tracking.experiment}-eval", "enabled": tracking.enabled}
     base["tracking"] = {**run_tracking, **(base.get("tracking") or {})}
-    return config_from_tree(base, args.overrides, default_name=args.protocol), run_cfg, step, labels
+    cfg, fitted = fit(config_from_tree(base, args.overrides, default_name=args.protocol), train.num_samples,
+                      read_env()[1], args.overrides)
+    return cfg, run_cfg, step, [line for line in (stand_in, labels, *fitted) if line]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,17 +139,18 @@ def run(args: argparse.Namespace) -> int:
     from largessl.preflight import check_pretrain
 
     die_with_launcher()
-    cfg, run_cfg, step, labels = build_config(args)
+    cfg, run_cfg, step, notes = build_config(args)
     if args.print_config:
         from largessl.config.load import dump_config
 
         print(dump_config(cfg), end="")
         return 0
     check_pretrain(cfg)
+    announce(cfg.data.num_workers, "data.num_workers")
     main = os.environ.get("RANK", "0") == "0"
     if main:
-        if labels:
-            print(labels, flush=True)
+        for line in notes:
+            print(line, flush=True)
         where = Path(cfg.run.output_dir) / cfg.run.name
         print(f"{args.protocol} evaluation of {args.checkpoint} (step {step}) in {where}: loading PyTorch, DeepSpeed "
               "and timm", flush=True)
@@ -157,7 +169,7 @@ def report(args: argparse.Namespace, cfg: PretrainConfig, run_cfg: PretrainConfi
     result = {metric: top1, "metric": metric, "protocol": args.protocol, "step": step,
               "checkpoint": str(pretrained.checkpoint), "eval_run_dir": str(trainer.run_dir),
               "eval_steps": trainer.step, "train": args.train, "train_split": args.train_split, "val": args.val,
-              "val_split": args.val_split, "recipe": args.config or default_recipe(args.protocol, run_cfg),
+              "val_split": args.val_split, "recipe": args.config or default_recipe(args.protocol, run_cfg)[0],
               "overrides": list(args.overrides), "mlflow_run_id": trainer.tracker.run_id}
     out = pretrained.eval_dir / f"{args.protocol}_step{step:08d}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -189,8 +201,8 @@ def add_fewshot_parser(protocols: argparse._SubParsersAction, formatter: type) -
     parser.add_argument("--pool", choices=("cls", "mean"), default="cls",
                         help="feature: the [cls] output (SIM's), or the mean patch output")
     parser.add_argument("--batch-size", type=int, default=128, metavar="N", help="images per feature batch")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
-                        help="DataLoader workers for the val split")
+    parser.add_argument("--num-workers", type=int, default=default_workers(), metavar="N",
+                        help="DataLoader workers for the val split (default: the usable CPUs less one, at most 8)")
 
 
 def run_fewshot_command(args: argparse.Namespace) -> int:
@@ -211,6 +223,7 @@ def run_fewshot_command(args: argparse.Namespace) -> int:
         print(note, flush=True)
     names = read_subset_file(args.subset) if args.subset else None
     tag = subset_tag(args.subset, names) if names else ""
+    announce(args.num_workers, "--num-workers")
     result = run_fewshot(args.checkpoint, args.step, train, val, percent=percent, lambd=args.lambd, pool=args.pool,
                          batch_size=args.batch_size, num_workers=args.num_workers, names=names, subset_tag=tag,
                          tracking_uri=args.tracking_uri)
