@@ -26,7 +26,7 @@ demo: install
 	$(PY) -m data_tools imagefolder demo/imagenette-mini/train $(DEMO_SHARDS) --split train --samples-per-shard 128
 	$(PY) -m data_tools imagefolder demo/imagenette-mini/val $(DEMO_SHARDS) --split val --samples-per-shard 128
 	$(VENV)/bin/largessl pretrain --config debug/mae_vit_tiny run.name=demo
-	$(VENV)/bin/largessl eval knn --checkpoint runs/demo --train $(DEMO_SHARDS) --val $(DEMO_SHARDS)
+	$(VENV)/bin/largessl eval knn --checkpoint runs/demo --train $(DEMO_SHARDS) --val $(DEMO_SHARDS) --baseline
 	@echo ""
 	@echo "run directory: runs/demo (config.yaml, checkpoints/, metrics.jsonl, eval/)"
 	@echo "MLflow UI:     $(abspath $(VENV))/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"

@@ -9,12 +9,11 @@ uncertainty of the difference; counting the queries only one model gets right gi
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
-from largessl.eval.knn import knn_correct
+from largessl.eval.knn import knn_correct, mcnemar_exact
 from largessl.eval.standalone import checkpoint_features
 
 
@@ -24,12 +23,6 @@ def correct_queries(run_dir: Path, data: str, k: int, temperature: float,
     (train, val), _, _, tag_dir = checkpoint_features(run_dir, data, data, train_split="train", val_split="val",
                                                       batch_size=128, num_workers=1, pool=pool)
     return knn_correct(train, val, k=k, temperature=temperature), str(tag_dir)
-
-
-def mcnemar_exact(only_a: int, only_b: int) -> float:
-    """Two-sided exact p-value that the discordant queries split evenly between the two models."""
-    n = only_a + only_b
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)
 
 
 def main() -> None:

@@ -69,6 +69,9 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
                      help="image feature: the [cls] output, or the mean patch output (CAE trains no [cls] loss)")
     knn.add_argument("--num-workers", type=int, default=default_workers(), metavar="N",
                      help="DataLoader worker processes (default: the usable CPUs less one, at most 8)")
+    knn.add_argument("--baseline", action="store_true",
+                     help="also evaluate a random initialisation of the run's model (seeded as the trainer's) on the "
+                          "same queries, and say whether the difference is more than noise (exact McNemar test)")
     add_parsers(protocols, HelpFormatter)
     add_fewshot_parser(protocols, HelpFormatter)
 
@@ -107,13 +110,25 @@ def eval_knn(args: argparse.Namespace) -> int:
     result = run_knn(args.checkpoint, args.train, args.val, step=args.step, train_split=args.train_split,
                      val_split=args.val_split,
                      k=args.k, temperature=args.temperature, batch_size=args.batch_size,
-                     num_workers=args.num_workers, pool=args.pool, tracking_uri=args.tracking_uri)
+                     num_workers=args.num_workers, pool=args.pool, tracking_uri=args.tracking_uri,
+                     baseline=args.baseline)
     print(f"checkpoint {result['checkpoint']} (step {result['step']}): {result['num_train']} neighbours, "
           f"{result['num_val']} queries, k={result['k']}, T={result['temperature']}, {result['pool']} features")
     if result["mlflow_run_id"]:
         print(f"logged knn_top1 to MLflow run {result['mlflow_run_id']}")
+    if "baseline_top1" in result:
+        print(baseline_line(result))
     print(f"{result['metric']}: {result['knn_top1']:.4f}")
     return 0
+
+
+def baseline_line(result: dict) -> str:
+    """The trained encoder against a random initialisation and chance, with whether the difference is noise."""
+    p = result["mcnemar_p"]
+    verdict = "within noise (more than noise needs p < 0.05)" if p >= 0.05 else "more than noise (p < 0.05)"
+    return (f"baseline: random init {result['baseline_top1']:.4f}, chance {result['chance']:.4f}; on the same "
+            f"{result['num_val']} queries {result['only_trained']} right only after training, "
+            f"{result['only_baseline']} only at init: exact McNemar p = {p:.2g}: {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,17 @@
-"""Weighted k-NN voting (DINO's eval_knn) on cases whose answer is known."""
+"""Weighted k-NN voting (DINO's eval_knn) on cases whose answer is known; `eval knn --baseline`."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_largessl
 
 from largessl.errors import DataError
-from largessl.eval.knn import knn_predict, knn_top1
+from largessl.eval.knn import knn_predict, knn_top1, mcnemar_exact
 
 
 def test_nearest_clusters_win() -> None:
@@ -46,3 +49,29 @@ def test_top1_and_unlabelled_data() -> None:
     assert knn_top1((features, labels), (features, labels.flip(0)), k=1, temperature=0.07) == 0.0
     with pytest.raises(DataError, match="needs labelled samples"):
         knn_top1((features, torch.tensor([0, -1, 2, 3])), (features, labels), k=1, temperature=0.07)
+
+
+@pytest.mark.parametrize(("only_a", "only_b", "p"), [(0, 0, 1.0), (5, 5, 1.0), (10, 0, 2 / 1024), (0, 10, 2 / 1024),
+                                                     (8, 2, 2 * (1 + 10 + 45) / 1024)])
+def test_the_exact_mcnemar_test_counts_the_uneven_splits(only_a: int, only_b: int, p: float) -> None:
+    assert mcnemar_exact(only_a, only_b) == pytest.approx(p)
+
+
+def test_eval_knn_baseline_compares_with_a_random_initialisation_on_the_same_queries(mini_shards: Path,
+                                                                                      tmp_path: Path) -> None:
+    trained = run_largessl(["pretrain", "--config", "debug/mae_vit_tiny", f"data.train={mini_shards}",
+                            "trainer.max_steps=3", "tracking.enabled=false", "run.name=r"], tmp_path)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    done = run_largessl(["eval", "knn", "--checkpoint", "runs/r", "--train", str(mini_shards), "--val",
+                         str(mini_shards), "--baseline"], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "runs" / "r" / "eval" / "knn_step00000003.json").read_text())
+    assert result["chance"] == pytest.approx(1 / 10) and 0 <= result["baseline_top1"] <= 1
+    n = result["num_val"]  # the two accuracies differ by exactly the queries only one of them gets right
+    assert result["knn_top1"] - result["baseline_top1"] == pytest.approx(
+        (result["only_trained"] - result["only_baseline"]) / n)
+    assert result["mcnemar_p"] == pytest.approx(mcnemar_exact(result["only_trained"], result["only_baseline"]))
+    baseline, last = done.stdout.strip().splitlines()[-2:]
+    assert baseline.startswith(f"baseline: random init {result['baseline_top1']:.4f}, chance 0.1000; on the same "
+                               f"{n} queries {result['only_trained']} right only after training")
+    assert last == f"knn_top1: {result['knn_top1']:.4f}"

@@ -6,6 +6,7 @@ features, weights each by exp(similarity / T), sums the weights per class and pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -61,3 +62,11 @@ def knn_correct(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tenso
 def knn_top1(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
              k: int, temperature: float) -> float:
     return float(knn_correct(train, val, k=k, temperature=temperature).float().mean())
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: the chance that the queries only one of two models gets right split at least
+    this unevenly between them if both were equally good. Two accuracies on the same queries are not independent,
+    so this paired test, not their standard errors, says whether their difference is noise."""
+    n = only_a + only_b
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n)

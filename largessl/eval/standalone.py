@@ -15,7 +15,7 @@ from largessl.data.transforms import EvalTransform
 from largessl.distributed.ema import read_teacher_fp32
 from largessl.errors import UserError
 from largessl.eval.config import knn_metric
-from largessl.eval.knn import extract_features, knn_top1
+from largessl.eval.knn import extract_features, knn_correct, mcnemar_exact
 from largessl.eval.labels import relabelled
 from largessl.eval.source import load_encoder as load_exported
 from largessl.eval.source import open_pretrained
@@ -53,12 +53,28 @@ def checkpoint_features(checkpoint: Path, train: str, val: str, *, train_split: 
     """([train (features, labels), val (features, labels)], run config, client state, tag directory) from
     the eval encoder of a run's newest complete checkpoint (or the one of `step`)."""
     encoder, cfg, states, tag_dir = load_encoder(checkpoint, step)
-    indices = [open_split(train, train_split, "--train"), open_split(val, val_split, "--val")]
+    loaders = split_loaders(cfg, (train, train_split), (val, val_split), batch_size, num_workers)
+    return pooled_features(encoder, loaders, pool), cfg, states, tag_dir
+
+
+def split_loaders(cfg: object, train: tuple[str, str], val: tuple[str, str], batch_size: int,
+                  num_workers: int) -> list:
+    """The train and val splits' evaluation loaders at the run's image size, val labels mapped onto train's."""
+    indices = [open_split(*train, "--train"), open_split(*val, "--val")]
     transform = EvalTransform(cfg.model.image_size)
     loaders = [build_eval_loader(index, transform, batch_size=batch_size, rank=0, world_size=1,
                                  num_workers=num_workers, image_size=cfg.model.image_size) for index in indices]
     loaders[1] = relabelled(loaders[1], *indices, ("--train", "--val"))
-    return pooled_features(encoder, loaders, pool), cfg, states, tag_dir
+    return loaders
+
+
+def initial_encoder(cfg: object) -> torch.nn.Module:
+    """The eval encoder of the run's model at a random initialisation drawn as the trainer draws it (seeded with
+    trainer.seed): the baseline a trained encoder's k-NN is compared with."""
+    from largessl import rng
+
+    rng.seed_everything(cfg.trainer.seed)
+    return objective_class(cfg.objective.name)(cfg.objective, cfg.model).eval_encoder()
 
 
 def pooled_features(encoder: torch.nn.Module, loaders: list, pool: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,18 +89,29 @@ def pooled_features(encoder: torch.nn.Module, loaders: list, pool: str) -> list[
 
 def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_split: str, k: int,
             temperature: float, batch_size: int, num_workers: int, pool: str = "cls", step: int | None = None,
-            tracking_uri: str = "") -> dict:
-    features, cfg, states, tag_dir = checkpoint_features(checkpoint, train, val, train_split=train_split,
-                                                         val_split=val_split, batch_size=batch_size,
-                                                         num_workers=num_workers, pool=pool, step=step)
-    top1 = knn_top1(features[0], features[1], k=k, temperature=temperature)
+            tracking_uri: str = "", baseline: bool = False) -> dict:
+    encoder, cfg, states, tag_dir = load_encoder(checkpoint, step)
+    splits = ((train, train_split), (val, val_split), batch_size, num_workers)
+    features = pooled_features(encoder, split_loaders(cfg, *splits), pool)
+    correct = knn_correct(features[0], features[1], k=k, temperature=temperature)
     pretrained = open_pretrained(checkpoint, step)
     step, metric = int(states.get("step", 0)), knn_metric(pool)
-    result = {"knn_top1": top1, "metric": metric, "pool": pool, "step": step, "checkpoint": str(tag_dir),
-              "train": train, "val": val, "num_train": len(features[0][1]), "num_val": len(features[1][1]), "k": k,
-              "temperature": temperature}
+    result = {"knn_top1": float(correct.float().mean()), "metric": metric, "pool": pool, "step": step,
+              "checkpoint": str(tag_dir), "train": train, "val": val, "num_train": len(features[0][1]),
+              "num_val": len(features[1][1]), "k": k, "temperature": temperature,
+              "chance": 1 / max(1, len(open_split(train, train_split, "--train").classes))}
+    if baseline:
+        initial = pooled_features(initial_encoder(cfg), split_loaders(cfg, *splits), pool)
+        result.update(compared_with_init(correct, knn_correct(initial[0], initial[1], k=k, temperature=temperature)))
     out = pretrained.eval_dir / f"{metric.replace('_top1', '')}_step{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    result["mlflow_run_id"] = pretrained.log_to_run({metric: top1}, tracking_uri)
+    result["mlflow_run_id"] = pretrained.log_to_run({metric: result["knn_top1"]}, tracking_uri)
     return result
+
+
+def compared_with_init(trained: torch.Tensor, initial: torch.Tensor) -> dict:
+    """The baseline's top-1 and the paired comparison on the same queries (exact McNemar)."""
+    only_trained, only_initial = int((trained & ~initial).sum()), int((initial & ~trained).sum())
+    return {"baseline_top1": float(initial.float().mean()), "only_trained": only_trained,
+            "only_baseline": only_initial, "mcnemar_p": mcnemar_exact(only_trained, only_initial)}
