@@ -155,7 +155,7 @@ class Trainer:
         watchdog.watch(None)
         kill_workers()
         if self.usage and self.step:  # the time since the last progress line (a checkpoint, say) counts too
-            self.tracker.log_metrics({"gpu_hours": self.usage.hours()}, self.step)
+            self.tracker.log_metrics(self.usage.logged(), self.step)
         self.tracker.finish(status)
         self.run.unlock()
         if status == "FAILED":
@@ -219,7 +219,7 @@ class Trainer:
     def _start_tracking(self, client_state: dict[str, Any] | None) -> NullTracker:
         if not self.env.is_main:
             return NullTracker()
-        self.usage = Usage(self.run_dir, self.env.world_size, self.started)
+        self.usage = Usage(self.run_dir, self.env.world_size, self.started, self.env.device.type)
         return start_training_run(self.cfg, self.run_dir, world_size=self.env.world_size,
                                   accumulation=self.accumulation, step=self.step, resumes=self.resumes,
                                   run_tags=self.engine.module.run_tags(), client_state=client_state)
@@ -325,7 +325,7 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         if self.usage:
-            metrics["gpu_hours"] = self.usage.hours()
+            metrics.update(self.usage.logged())
         self.note(progress_line(self.step, self.cfg.trainer.max_steps, metrics, keys))
         self.tracker_log(metrics, self.step)
 

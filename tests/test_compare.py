@@ -95,7 +95,8 @@ def test_rows_order_and_the_keys_that_differ(store: dict, capsys: pytest.Capture
         (6, 6, 4, 4)
     assert {r["method"] for r in rows.values()} == {"mae", "dino"} and {r["status"] for r in rows.values()} == \
         {"finished"}
-    assert all(r["world_size"] == 1 and r["images_per_sec"] > 0 and r["gpu_hours"] > 0 for r in rows.values())
+    assert all(r["world_size"] == 1 and r["images_per_sec"] > 0 and r["device_hours"] > 0
+               and r["device_hours_counted"] == "CPU jobs" for r in rows.values())  # CPU runs: cpu_hours, not GPU
     order = [r["run"] for r in result["rows"]]
     diff = result["diff"]
     assert dict(zip(order, diff["objective.mask_ratio"], strict=True)) == {"mae-a": "0.75", "mae-b": "0.5",
@@ -123,8 +124,8 @@ def test_a_resumed_run_appears_once_with_its_whole_history(store: dict, capsys: 
     logged_last = {m.step: m.value for m in sorted(raw, key=lambda m: m.timestamp)}
     assert row["curves"]["loss"] == [[step, pytest.approx(logged_last[step])] for step in (2, 4, 6)]
     jobs = read_jobs(store["work"] / "runs" / "mae-a")
-    assert len(jobs) == 2 and row["gpu_hours"] == pytest.approx(device_hours(jobs), rel=1e-9)
-    assert row["gpu_hours"] > device_hours(jobs[1:])  # the first job's time counts too
+    assert len(jobs) == 2 and row["device_hours"] == pytest.approx(device_hours(jobs), rel=1e-9)
+    assert row["device_hours"] > device_hours(jobs[1:])  # the first job's time counts too
 
 
 def test_a_server_gives_the_same_comparison(store: dict, capsys: pytest.CaptureFixture) -> None:
@@ -159,7 +160,7 @@ def test_png_html_and_csv(store: dict, capsys: pytest.CaptureFixture, tmp_path: 
     assert all(f"<td>{name}</td>" in text for name in ("mae-a", "mae-b", "dino"))
     rows = list(csv.DictReader(table.open()))
     assert [r["run"] for r in rows] == [r["run"] for r in report(capsys, store["sqlite"])["rows"]]
-    assert {"best_knn_top1", "gpu_hours", "objective.mask_ratio"} <= set(rows[0])
+    assert {"best_knn_top1", "device_hours", "objective.mask_ratio"} <= set(rows[0])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -244,7 +245,7 @@ ODD_RUNS = {  # name: (metric histories, one value per step from 0; params; tags
     "only-nan": ({"knn_top1": [NAN, NAN], "loss": [NAN]}, {"trainer.max_steps": "0"}, {"world_size": "2.5"}),
     "absent": ({"gpu_hours": [NAN], "images_per_sec": [NAN, INF], "epoch": [INF]}, {"trainer.max_steps": "-5"}, {}),
 }
-COLUMNS = ["run", "method", "model", "status", "steps", "epochs", "world", "best", "last", "loss", "img/s", "GPU-h"]
+COLUMNS = ["run", "method", "model", "status", "steps", "epochs", "world", "best", "last", "loss", "img/s", "device-h"]
 ODD_TABLE = {  # --metric knn_top1, best first; then the extra columns knn... (none here), linear_top1
     "fine": ["4/?", "1.50", "-", "0.5000", "0.4000", "0.7000", "400.0", "0.500", "0.7000"],
     "plus-inf": ["1/?", "-", "-", "0.3000", "inf", "1.0000", "-", "1.000~", "nan"],
@@ -337,11 +338,11 @@ def test_json_holds_no_nan_literal_and_spells_non_finite_values(odd: str, capsys
     assert rows["plus-inf"]["curves"]["knn_top1"] == [[0, 0.3], [1, "inf"]]
     assert rows["minus-inf"]["curves"]["loss"] == [[0, "-inf"], [1, 4.0]]
     assert rows["nan-first"]["curves"]["loss"] == [[0, "nan"], [1, 0.2]]
-    assert (rows["fine"]["best_knn_top1"], rows["fine"]["gpu_hours"], rows["fine"]["images_per_sec"]) == \
+    assert (rows["fine"]["best_knn_top1"], rows["fine"]["device_hours"], rows["fine"]["images_per_sec"]) == \
         (0.5, 0.5, 400.0)
     assert [(r["max_steps"], r["world_size"]) for r in result["rows"]] == \
         [(None, None), (None, None), (None, None), (10, 2), (8, 4), (None, None), (None, None)]
-    assert (rows["absent"]["gpu_hours"], rows["absent"]["gpu_hours_counted"]) == (1.0, "wall clock")
+    assert (rows["absent"]["device_hours"], rows["absent"]["device_hours_counted"]) == (1.0, "wall clock")
 
 
 def test_csv_holds_readable_values(odd: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -664,7 +664,7 @@ def test_training_with_the_server_down_at_start_reaches_one_run_on_resume(
               "trainer.log_every=1", "trainer.ckpt_every=2"]
     first = run_largessl([*common, "trainer.max_steps=3"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    # 3 progress lines and the job's last gpu_hours (its checkpoint's time included)
+    # 3 progress lines and the job's last cpu_hours (its checkpoint's time included)
     assert "has not received 4 metric records" in first.stderr, first.stderr[-3000:]
     gate.open()
     try:
@@ -684,7 +684,7 @@ def test_training_with_the_server_down_at_start_reaches_one_run_on_resume(
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
     assert steps == [1, 2, 3, 4, 5], steps  # the first job ended with a checkpoint of step 3: nothing repeated
     state = json.loads((tmp_path / "runs" / "late" / "mlflow_run.json").read_text())
-    # 5 steps, the resume's record and each job's last gpu_hours
+    # 5 steps, the resume's record and each job's last cpu_hours
     assert state["run_id"] == runs[0].info.run_id and state["sent_records"] == 8
     resumes = client.get_metric_history(runs[0].info.run_id, "resumes")
     assert [(m.step, m.value) for m in resumes] == [(3, 1.0)]  # the history shows the restart and its step

@@ -29,7 +29,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description=(
             "A table of an experiment's runs (best first by --metric), the config keys whose values differ between\n"
             "them, and with --plot their loss and metric curves. Requeued or resumed runs appear once, with their\n"
-            "whole history; GPU-hours are world size x wall time summed over a run's jobs."),
+            "whole history; device-hours are world size x wall time summed over a run's jobs (GPU-hours, or a\n"
+            "CPU run's process-hours, marked cpu)."),
         epilog="example: largessl compare --experiment largessl-debug --plot compare.png")
     compare.add_argument("--experiment", required=True, metavar="NAME", help="MLflow experiment (tracking.experiment)")
     compare.add_argument("--filter", metavar="MLFLOW_FILTER",

@@ -89,7 +89,7 @@ def figure(runs: list[RunData], labels: list[str], metric: str, title: str) -> A
         loss = run.curves.get("loss", [])
         losses += [v for _, v in loss if 0 < v < math.inf]  # positive and finite
         line = draw_loss(loss_ax, [s for s, _ in loss], [v for _, v in loss], colour)
-        hours, values = joined(run.curves.get("gpu_hours", []), loss)
+        hours, values = joined(run.curves.get("gpu_hours") or run.curves.get("cpu_hours", []), loss)
         if values:
             draw_loss(cost_ax, hours, values, colour)
         if run.curves.get(metric):
@@ -100,10 +100,10 @@ def figure(runs: list[RunData], labels: list[str], metric: str, title: str) -> A
         loss_ax.set_yscale("log")
         cost_ax.set_yscale("log")
     style(loss_ax, "training loss", "step", "loss")
-    style(cost_ax, "training loss against cost", "GPU-hours (world size x wall time)", "loss")
+    style(cost_ax, "training loss against cost", "device-hours (world size x wall time; CPU runs: processes)", "loss")
     style(metric_ax, metric, "step", metric)
-    if not any(run.curves.get("gpu_hours") for run in runs):
-        empty(cost_ax, "no run logged gpu_hours")
+    if not any(run.curves.get("gpu_hours") or run.curves.get("cpu_hours") for run in runs):
+        empty(cost_ax, "no run logged gpu_hours or cpu_hours")
     if not any(math.isfinite(v) for run in runs for _, v in run.curves.get(metric, [])):
         empty(metric_ax, f"no run logged a finite {metric}" if any(r.curves.get(metric) for r in runs) else
               f"no run logged {metric}")

@@ -25,7 +25,7 @@ from largessl.errors import UserError
 from largessl.tracking.sqlite_store import StoreBusy, StoreUnusable, open_client
 from largessl.tracking.store import configure_http, describe, error_code, sqlite_file, unreachable
 
-CURVES = ("loss", "gpu_hours", "epoch", "images_per_sec")  # histories every comparison reads
+CURVES = ("loss", "gpu_hours", "cpu_hours", "epoch", "images_per_sec")  # histories every comparison reads
 DOWNSTREAM_SUFFIX = "_top1"  # knn_top1, knn_top1_mean, linear_top1, attentive_top1, finetune_top1, fewshot_top1...
 PAGE = 1000
 BARE_SCHEMES = ("databricks", "databricks-uc", "uc")  # URIs MLflow takes as a scheme alone, not as a path

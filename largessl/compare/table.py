@@ -53,13 +53,14 @@ def status(run: RunData, now_ms: int) -> str:
     return word
 
 
-def gpu_hours(run: RunData, now_ms: int) -> tuple[float, str]:
+def device_hours(run: RunData, now_ms: int) -> tuple[float, str]:
     """(device-hours, how they were counted): the trainer's `gpu_hours` (every job of the run, restarts included),
-    else, for runs from before it (or without a finite value of it), world size x the MLflow run's wall time (queue
-    time between jobs included)."""
-    logged = [v for _, v in run.curves.get("gpu_hours", []) if math.isfinite(v)]
-    if logged:
-        return max(logged), "jobs"
+    or a CPU run's `cpu_hours` (processes x wall time, counted the same way), else, for runs from before them (or
+    without a finite value), world size x the MLflow run's wall time (queue time between jobs included)."""
+    for metric, counted in (("gpu_hours", "jobs"), ("cpu_hours", "CPU jobs")):
+        logged = [v for _, v in run.curves.get(metric, []) if math.isfinite(v)]
+        if logged:
+            return max(logged), counted
     world = world_size(run) or 1
     end = run.end_ms or (now_ms if run.status == "RUNNING" else run.last_ms or run.start_ms)
     return world * max(0, end - run.start_ms) / 3_600_000, "wall clock"
@@ -104,7 +105,7 @@ def world_size(run: RunData) -> int | None:
 
 def row(run: RunData, metric: str, extra: list[str], now_ms: int) -> dict[str, Any]:
     """The row of one run, in raw values (None where a run has no value)."""
-    hours, counted = gpu_hours(run, now_ms)
+    hours, counted = device_hours(run, now_ms)
     planned = count(run.tags.get("max_steps")) or count(run.params.get("trainer.max_steps"))  # params: the first
     values = {
         "run": run.name, "run_id": run.run_id,
@@ -113,8 +114,8 @@ def row(run: RunData, metric: str, extra: list[str], now_ms: int) -> dict[str, A
         "status": status(run, now_ms), "steps": steps_done(run), "max_steps": planned,
         "epochs": last(run.curves.get("epoch")), "world_size": world_size(run),
         f"best_{metric}": best(run.curves.get(metric), metric), f"last_{metric}": last(run.curves.get(metric)),
-        "last_loss": last(run.curves.get("loss")), "images_per_sec": throughput(run), "gpu_hours": hours,
-        "gpu_hours_counted": counted,
+        "last_loss": last(run.curves.get("loss")), "images_per_sec": throughput(run), "device_hours": hours,
+        "device_hours_counted": counted,
     }
     return {**values, **{key: last(run.curves.get(key)) for key in extra}}
 
@@ -155,28 +156,31 @@ def cell(value: Any, column: str) -> str:
         return "-"
     if isinstance(value, (str, int)):
         return str(value)
-    if column == "gpu_hours":
+    if column == "device_hours":
         return decimal(value, 3 if abs(value) < 100 else 0)
     return decimal(value, {"images_per_sec": 1, "epochs": 2}.get(column, 4))
 
 
 HEADERS = {"run": "run", "method": "method", "model": "model", "status": "status", "steps": "steps",
            "epochs": "epochs", "world_size": "world", "last_loss": "loss", "images_per_sec": "img/s",
-           "gpu_hours": "GPU-h"}
+           "device_hours": "device-h"}
 
 
 def shown(r: dict[str, Any], column: str) -> str:
-    """A row's cell in the table: steps as done/planned, device-hours from wall clock marked '~'."""
+    """A row's cell in the table: steps as done/planned, device-hours from wall clock marked '~', a CPU run's
+    marked 'cpu'."""
     if column == "steps":
         return f"{r['steps']}/{r['max_steps'] or '?'}"
     text = cell(r[column], column)
-    return text + "~" if column == "gpu_hours" and r["gpu_hours_counted"] == "wall clock" else text
+    if column != "device_hours" or text == "-":
+        return text
+    return text + {"wall clock": "~", "CPU jobs": " cpu"}.get(r["device_hours_counted"], "")
 
 
 def display(rows: list[dict[str, Any]], metric: str, extra: list[str]) -> tuple[list[str], list[list[str]]]:
     """(headers, cells) of the terminal and HTML tables."""
     columns = ["run", "method", "model", "status", "steps", "epochs", "world_size", f"best_{metric}",
-               f"last_{metric}", "last_loss", "images_per_sec", "gpu_hours", *extra]
+               f"last_{metric}", "last_loss", "images_per_sec", "device_hours", *extra]
     headers = [HEADERS.get(c, c.replace("best_", "best ").replace("last_", "last ")) for c in columns]
     return headers, [[shown(r, c) for c in columns] for r in rows]
 

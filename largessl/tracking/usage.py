@@ -2,8 +2,9 @@
 so its device-hours count each restart, the queue time between jobs not at all, and the work a killed job did
 after its last checkpoint (done again by the next job) twice, as it was paid for twice.
 
-The trainer logs the total as the metric `gpu_hours` at each progress line and once more when the job ends;
-`largessl compare` reads it. Rank 0 only; a file that cannot be written is said once and never stops training.
+The trainer logs the total at each progress line and once more when the job ends, as the metric `gpu_hours` on
+GPUs and `cpu_hours` (processes x wall time) on CPUs, so a CPU run never reports GPU-hours; `largessl compare`
+reads either. Rank 0 only; a file that cannot be written is said once and never stops training.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def device_hours(jobs: list[dict[str, Any]]) -> float:
 class Usage:
     """This job's entry in RUN_DIR/usage.json, after the entries of the jobs before it."""
 
-    def __init__(self, run_dir: Path, world_size: int, started: float) -> None:
+    def __init__(self, run_dir: Path, world_size: int, started: float, device_type: str = "cuda") -> None:
         self.path = Path(run_dir) / USAGE_FILE
+        self.metric = "gpu_hours" if device_type == "cuda" else "cpu_hours"
         self.earlier = read_jobs(run_dir)
         self.job = {"start": started, "end": started, "world_size": int(world_size)}
         self.warned = False
@@ -53,3 +55,7 @@ class Usage:
                      "this one's hours")
                 self.warned = True
         return device_hours(jobs)
+
+    def logged(self) -> dict[str, float]:
+        """The metric to log: {gpu_hours or cpu_hours: the run's hours up to now}."""
+        return {self.metric: self.hours()}
