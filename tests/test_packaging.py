@@ -41,6 +41,10 @@ def test_the_wheel_holds_every_module_recipe_and_config_of_the_tree(tmp_path: Pa
     expected |= {f"largessl/ds_configs/{Path(name).name}" for name in tracked("ds_configs") if name.endswith(".json")}
     assert not expected - inside, sorted(expected - inside)
     assert {"largessl/configs/eval/linear.yaml", "largessl/configs/pretrain/cae_vith14.yaml"} <= inside
+    license_file = next(name for name in inside if name.endswith(".dist-info/licenses/LICENSE"))
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in inside if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert zipfile.ZipFile(wheel).read(license_file) == (REPO / "LICENSE").read_bytes()
 
     target = tmp_path / "site"  # the wheel's files alone (no dependencies): the recipes are found from there
     with zipfile.ZipFile(wheel) as archive:
