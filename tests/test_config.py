@@ -158,3 +158,37 @@ def test_no_traceback_from_the_real_command(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("largessl: error: model.name: unknown model 'vit_x'")
+
+
+def readme_key_table() -> dict[tuple[str, str], set[str]]:
+    """README's key table: (section, objective names or '') -> the keys it lists (values in parentheses dropped)."""
+    import re
+
+    from conftest import REPO
+
+    table = {}
+    for section, objectives, keys in re.findall(r"^\| `(\w+)`(?: \(([^|]*?)\))? \| (.*) \|$",
+                                                (REPO / "README.md").read_text(), re.M):
+        depth, kept = 0, ""
+        for char in keys:  # drop parenthesised values: `name` (`adamw`, `lars`) -> `name`
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            kept += char if depth == 0 and char != ")" else ""
+        for objective in re.findall(r"`(\w+)`", objectives.split(":")[0]) or [""]:
+            table[(section, objective)] = set(re.findall(r"`(\w+)`", kept))
+    return table
+
+
+def test_the_readme_key_table_lists_every_key_pretrain_help_shows() -> None:
+    import dataclasses
+    import typing
+
+    from largessl.config.load import OBJECTIVE_CONFIGS
+    from largessl.config.schema import PretrainConfig
+
+    table = readme_key_table()
+    for section in dataclasses.fields(PretrainConfig):
+        classes = (OBJECTIVE_CONFIGS.items() if section.name == "objective"
+                   else [("", typing.get_type_hints(PretrainConfig)[section.name])])
+        for objective, cls in classes:
+            keys = {f.name for f in dataclasses.fields(cls)} - ({"name"} if objective else set())
+            assert table.get((section.name, objective)) == keys, (section.name, objective)
