@@ -59,7 +59,7 @@ def progress_line(step: int, max_steps: int, metrics: dict[str, float], loss_ter
     terms = " ".join(f"{k} {metrics[k]:.4f}" for k in loss_terms)
     speed = f"{metrics['images_per_sec']:.1f} img/s"
     if "tflops_per_gpu" in metrics:
-        speed += f" | {metrics['tflops_per_gpu']:.3g} TFLOP/s per GPU"
+        speed += f" | {metrics['tflops_per_gpu']:.3g} TFLOP/s per device"
     if "mfu" in metrics:
         speed += f" {100 * metrics['mfu']:.1f}% MFU"
     return (f"step {step}/{max_steps} | {terms} | lr {metrics['lr']:.3e} | {speed} "

@@ -146,7 +146,7 @@ def test_peak_comes_from_the_override_or_the_known_gpus_and_mfu_only_with_one(mo
     assert mfu.utilisation(1e12, 300.0, 2, 600.0) == {"tflops_per_gpu": 150.0, "mfu": 0.25}
     base = {"lr": 1e-3, "images_per_sec": 300.0, "step_time": 0.5, "loss": 1.0}
     line = progress_line(10, 20, {**base, "tflops_per_gpu": 150.0, "mfu": 0.25}, ["loss"])
-    assert "| 300.0 img/s | 150 TFLOP/s per GPU 25.0% MFU | 0.500 s/step" in line
+    assert "| 300.0 img/s | 150 TFLOP/s per device 25.0% MFU | 0.500 s/step" in line
     assert "MFU" not in progress_line(10, 20, {**base, "tflops_per_gpu": 150.0}, ["loss"])
     from largessl.config.load import load_config
     from largessl.errors import ConfigError
