@@ -35,6 +35,7 @@ def check_pretrain(cfg: PretrainConfig) -> None:
     if rank == 0:
         found = {key: check_dataset(key, root, split) for key, (root, split) in cfg.datasets().items()}
         resolve(cfg, found["data.train"].num_samples)  # a schedule in epochs needs at least one step per epoch
+        cfg.data.check_fill(found["data.train"].num_samples, world_size, cfg.optim.global_batch_size)
         for pair in (("eval.knn_train", "eval.knn_val"), ("data.train", "data.val")):
             if all(key in found for key in pair):
                 check_labels(found, pair)

@@ -65,6 +65,10 @@ BAD_INPUTS = [
     (["data.train=MINI", "eval.knn_every=5", "eval.knn_val=/no/such/dir"], "eval.knn_val: dataset directory"),
     (["data.train="], "data.train: is required"),
     (["data.train=MINI", "distributed.precision=bf16"], "distributed.zero_stage: 0 cannot accumulate bf16 gradients"),
+    (["data.train=MINI", "data.num_workers=10", "data.micro_batch_size=64", "optim.global_batch_size=64"],
+     "data.train: 500 samples cannot fill one batch of 64 for each of 10 readers (1 ranks x 10 workers)"),
+    (["data.train=MINI", "data.order=global", "optim.global_batch_size=512", "data.micro_batch_size=64"],
+     "data.train: 500 samples cannot fill one global batch of 512"),
 ]
 
 

@@ -8,7 +8,6 @@ from largessl.data.config import DataConfig
 from largessl.data.index import SplitIndex
 from largessl.data.loader import CorruptLog, EvalStream, ReaderState, TrainStream, Transform, make_loader
 from largessl.data.stream import StreamPlan
-from largessl.errors import DataError
 
 
 def plan_training(cfg: DataConfig, index: SplitIndex, *, seed: int, world_size: int,
@@ -16,13 +15,7 @@ def plan_training(cfg: DataConfig, index: SplitIndex, *, seed: int, world_size: 
     plan = StreamPlan(shards=index.shards, seed=seed, num_slots=world_size * max(1, cfg.num_workers),
                       batch_size=cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
                       order=cfg.order, global_batch=global_batch)
-    if plan.order == "global" and not plan.resampled and plan.epoch_samples == 0:
-        raise DataError(f"data.train: {index.num_samples} samples cannot fill one global batch of {global_batch}; "
-                        "lower optim.global_batch_size")
-    if plan.batches_per_slot == 0 and plan.order != "global":
-        raise DataError(f"data.train: {index.num_samples} samples cannot fill one batch of {cfg.micro_batch_size} "
-                        f"for each of {plan.num_slots} readers ({world_size} ranks x {max(1, cfg.num_workers)} "
-                        "workers); lower data.micro_batch_size or data.num_workers")
+    cfg.check_fill(index.num_samples, world_size, plan.global_batch or plan.num_slots * plan.batch_size)
     return plan
 
 

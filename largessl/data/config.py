@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from largessl.config.loader import require
+from largessl.errors import DataError
 
 DATA_ORDERS = ("sharded", "global")
 
@@ -53,3 +54,18 @@ class DataConfig:
         require(self.order in DATA_ORDERS, f"{prefix}.order", f"must be one of {', '.join(DATA_ORDERS)}")
         require(not (self.resampled and self.order == "global"), f"{prefix}.order",
                 "'global' needs exact epochs; set data.resampled=false")
+
+    def check_fill(self, num_samples: int, world_size: int, global_batch: int) -> None:
+        """Every reader (a DataLoader worker of a rank) fills at least one micro-batch of `num_samples` training
+        samples per pass ('global' order: the data fills one global batch); else one DataError naming the keys.
+        Checked before torch loads (preflight) and again when the stream is planned (data/build.py)."""
+        if self.resampled:
+            return
+        if self.order == "global" and num_samples < global_batch:
+            raise DataError(f"data.train: {num_samples} samples cannot fill one global batch of {global_batch}; "
+                            "lower optim.global_batch_size")
+        readers = world_size * max(1, self.num_workers)
+        if self.order != "global" and num_samples // (readers * self.micro_batch_size) == 0:
+            raise DataError(f"data.train: {num_samples} samples cannot fill one batch of {self.micro_batch_size} "
+                            f"for each of {readers} readers ({world_size} ranks x {max(1, self.num_workers)} "
+                            "workers); lower data.micro_batch_size or data.num_workers")
