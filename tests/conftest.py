@@ -19,7 +19,7 @@ from data_tools.shards import SplitWriter, write_index
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE_TAR = REPO.parent / "shared" / "data" / "imagenette2-224" / "imagenette2-224.tar.gz"
 MINI_IMAGES = REPO / "demo" / "imagenette-mini"
-pytest_plugins = ["slurm_cluster"]  # the session fixture slurm_cluster: a real one-node SLURM (tests/slurm_cluster.py)
+pytest_plugins = ["slurm_cluster", "slurm_nodes"]  # session fixtures: real one-node and multi-node SLURM clusters
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

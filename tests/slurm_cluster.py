@@ -38,11 +38,12 @@ CRED_EXPIRE = 5  # seconds; a requeued job's BeginTime is the requeue + CRED_EXP
 PR_SET_PDEATHSIG = 1
 ROOT_PREFIX = "largessl-slurm-"
 KEY_RE = re.compile(r" (?=[A-Za-z][A-Za-z0-9_:/]*=)")
+SLURMD_TIMEOUT = 300  # seconds without an answer before slurmctld sets a node DOWN (SLURM's default)
 
 SLURM_CONF = """\
 ClusterName=largessl-test
 FirstJobId={first_job_id}
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={controller}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -51,11 +52,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.socket,cred_expire={cred_expire}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool{per_node}
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd{per_node}.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd{per_node}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -68,6 +69,7 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=5
+SlurmdTimeout={slurmd_timeout}
 MinJobAge=60
 InactiveLimit=0
 SchedulerType=sched/backfill
@@ -75,9 +77,10 @@ SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 GresTypes=gpu
-NodeName={node} NodeAddr=127.0.0.1 {hardware} RealMemory={memory} Gres=gpu:{gpus} State=UNKNOWN
+{nodes}
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={name} NodeAddr={address} {hardware} RealMemory={memory} Gres=gpu:{gpus} State=UNKNOWN"
 
 
 def binary(name: str) -> str | None:
@@ -232,21 +235,46 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def write_config(root: Path, node: str) -> int:
-    """slurm.conf, gres.conf and the state/spool/log folders in `root`; returns the node's CPU count."""
+def make_root(prefix: str) -> Path:
+    """A fresh cluster folder in the temp dir: owned by this process (see remove_stale_roots), with the state,
+    spool, log, munge and scripts folders and the GPU device files of gres.conf."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)  # munged insists that its socket's folders are searchable by everyone
+    (root / "owner").write_text(f"{os.getpid()}\n")
     for sub in ("state", "spool", "log", "munge", "scripts", "dev"):
         (root / sub).mkdir(mode=0o755)
     for index in range(GPUS):  # gres/gpu keeps only GPUs with a device file; any character device will do
         (root / "dev" / f"gpu{index}").symlink_to("/dev/null")
+    (root / "gres.conf").write_text(f"Name=gpu File={root}/dev/gpu[0-{GPUS - 1}]\n")
+    return root
+
+
+def node_lines(addresses: Mapping[str, str]) -> tuple[str, int]:
+    """slurm.conf's NodeName lines, one per {name: address}, each node with this host's cores, memory and
+    GPUS; and the CPU count of one node."""
     cores, memory = hardware()
+    lines = [NODE_LINE.format(name=name, address=address, hardware=cores, memory=memory, gpus=GPUS)
+             for name, address in addresses.items()]
+    return "\n".join(lines), int(re.search(r"CPUs=(\d+)", cores)[1])
+
+
+def write_slurm_conf(root: Path, controller: str, nodes: str, per_node: str = "",
+                     slurmd_timeout: int = SLURMD_TIMEOUT) -> None:
+    """`root`/slurm.conf: the controller `name(address)`, the NodeName `nodes` lines, free ports; `per_node`
+    ("-%n" where several slurmd share the folder) goes into the names of slurmd's spool, pid and log files."""
     # Random job ids: largessl's MASTER_PORT is 20000 + job id % 20000, so two sessions on one host (both at job 1
     # otherwise) would collide.
-    text = SLURM_CONF.format(root=root, node=node, ctld_port=free_port(), slurmd_port=free_port(), hardware=cores,
-                             memory=memory, gpus=GPUS, cred_expire=CRED_EXPIRE,
-                             first_job_id=random.randrange(100_000, 10_000_000))
+    text = SLURM_CONF.format(root=root, controller=controller, ctld_port=free_port(), slurmd_port=free_port(),
+                             nodes=nodes, per_node=per_node, slurmd_timeout=slurmd_timeout,
+                             cred_expire=CRED_EXPIRE, first_job_id=random.randrange(100_000, 10_000_000))
     (root / "slurm.conf").write_text(text)
-    (root / "gres.conf").write_text(f"Name=gpu File={root}/dev/gpu[0-{GPUS - 1}]\n")
-    return int(re.search(r"CPUs=(\d+)", cores)[1])
+
+
+def write_config(root: Path, node: str) -> int:
+    """slurm.conf for one node, this host on 127.0.0.1; returns the node's CPU count."""
+    nodes, cpus = node_lines({node: "127.0.0.1"})
+    write_slurm_conf(root, f"{node}(127.0.0.1)", nodes)
+    return cpus
 
 
 def die_with_parent() -> None:
@@ -276,13 +304,17 @@ def start_munge(cluster: SlurmCluster) -> None:
 
 
 def start_slurm(cluster: SlurmCluster) -> None:
-    env = cluster.env()
-    conf = str(cluster.conf)
-    daemon([binary("slurmctld"), "-D", "-i", "-f", conf], cluster, "slurmctld", env=env)
-    daemon([binary("slurmd"), "-D", "-N", cluster.node, "-f", conf], cluster, "slurmd", env=env)
+    start_controller(cluster)
+    daemon([binary("slurmd"), "-D", "-N", cluster.node, "-f", str(cluster.conf)], cluster, "slurmd",
+           env=cluster.env())
+    wait_for(lambda: node_state(cluster) == "idle", cluster, "the node to be idle", 30)
+
+
+def start_controller(cluster: SlurmCluster) -> None:
+    """slurmctld, ready once its port answers (on 127.0.0.1: it listens on every address of this host)."""
+    daemon([binary("slurmctld"), "-D", "-i", "-f", str(cluster.conf)], cluster, "slurmctld", env=cluster.env())
     port = int(re.search(r"SlurmctldPort=(\d+)", cluster.conf.read_text())[1])
     wait_for(lambda: port_open(port), cluster, "slurmctld's port", 20)
-    wait_for(lambda: node_state(cluster) == "idle", cluster, "the node to be idle", 30)
 
 
 def port_open(port: int) -> bool:
@@ -331,11 +363,17 @@ def alive(pid_file: Path) -> bool:
     return True
 
 
-def remove_stale_roots() -> None:
+def abandoned(root: Path) -> bool:
+    """Whether a cluster folder belongs to a session killed before its teardown: its owner (the pytest process)
+    and every daemon of its pid files are gone."""
+    pid_files = [root / "owner", *root.glob("*.pid"), root / "munge" / "munged.pid"]
+    return (root / "owner").is_file() and not any(alive(path) for path in pid_files)
+
+
+def remove_stale_roots(prefix: str = ROOT_PREFIX) -> None:
     """Remove the folders of earlier sessions that were killed before their teardown: owner and daemons gone."""
-    for root in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
-        pid_files = [root / "owner", root / "slurmctld.pid", root / "slurmd.pid", root / "munge" / "munged.pid"]
-        if (root / "owner").is_file() and not any(alive(path) for path in pid_files):
+    for root in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        if abandoned(root):
             shutil.rmtree(root, ignore_errors=True)
 
 
@@ -348,9 +386,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if os.geteuid() != 0:
         unavailable("the SLURM test cluster runs slurmd, which needs root")
     remove_stale_roots()
-    root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
-    root.chmod(0o755)  # munged insists that its socket's folders are searchable by everyone
-    (root / "owner").write_text(f"{os.getpid()}\n")
+    root = make_root(ROOT_PREFIX)
     node = node_name()
     cluster = SlurmCluster(root, node, write_config(root, node))
     try:
