@@ -9,6 +9,7 @@ one-process run of the same global batch.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,14 @@ CAE = ["--config", "debug/cae_vit_tiny", "data.micro_batch_size=4", "optim.globa
        "model.drop_path_rate=0.0"]  # drop path draws per rank: the one-process reference would differ
 
 
-def submit(cluster: SlurmNodes, workdir: Path, name: str, data: Path) -> str:
-    """The CAE script, shrunk to two nodes of two ranks, as job `name` in `workdir` (shared by both nodes: its
-    runs/, logs/ and SQLite MLflow store)."""
+def submit(cluster: SlurmNodes, workdir: Path, name: str, data: Path, *extra: str, shrink: list[str] = SHRINK) -> str:
+    """The CAE script, shrunk to two nodes of two ranks (or `shrink`), as job `name` in `workdir` (shared by both
+    nodes: its runs/, logs/ and SQLite MLflow store); `extra` overrides come last."""
     (workdir / "logs").mkdir(exist_ok=True)
     env = {**child_env(workdir), "LARGESSL_PYTHON": sys.executable}
     args = [*CAE, f"data.train={data}", f"run.name={name}", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
-            "tracking.experiment=nodes"]
-    return cluster.sbatch(SCRIPT, *args, options=[*SHRINK, f"--job-name={name}"], env=env, cwd=workdir)
+            "tracking.experiment=nodes", *extra]
+    return cluster.sbatch(SCRIPT, *args, options=[*shrink, f"--job-name={name}"], env=env, cwd=workdir)
 
 
 def test_the_headline_script_trains_across_two_nodes_requeues_and_matches_one_process(
@@ -58,4 +59,68 @@ def test_the_headline_script_trains_across_two_nodes_requeues_and_matches_one_pr
     assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
     one = read_metrics(tmp_path / "runs" / "one")
     for step in range(1, 7):
+        assert metrics[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
+
+
+LONGER = ["trainer.max_steps=12", "distributed.timeout_s=30"]  # steps left to lose a node in; a short timeout
+
+
+def one_process(data: Path, workdir: Path, *extra: str) -> dict[int, dict]:
+    """The losses of an uninterrupted one-process run of the same recipe and global batch."""
+    done = run_largessl(["pretrain", *CAE, f"data.train={data}", "run.name=one", "tracking.enabled=false", *extra],
+                        workdir)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return read_metrics(workdir / "runs" / "one")
+
+
+def ended_within(cluster: SlurmNodes, job: str, bound: float) -> float:
+    """Seconds until the job's ranks are gone (it is requeued: PENDING) after a failure; at most `bound`."""
+    start = time.monotonic()
+    info = cluster.wait(job, {"PENDING"}, timeout=bound, release=False)
+    assert int(info["Restarts"]) >= 1, info
+    return time.monotonic() - start
+
+
+def lost_node_run(cluster: SlurmNodes, workdir: Path, data: Path) -> tuple[str, Path]:
+    """A two-node job that loses node lss2 (its slurmd and ranks SIGKILLed) after its step-2 checkpoint; returns
+    once SLURM has requeued it, within a bound."""
+    run = workdir / "runs" / "lost"
+    job = submit(cluster, workdir, "lost", data, *LONGER)
+    wait_for_file(run / "checkpoints" / "step_00000002" / "complete.json", cluster, job)
+    cluster.kill_node("lss2")
+    assert ended_within(cluster, job, 120) < 120
+    return job, run
+
+
+@pytest.mark.slow
+def test_a_lost_node_ends_the_job_within_a_bound_and_it_resumes_when_the_node_is_back(
+        slurm_nodes: SlurmNodes, mini_shards: Path, tmp_path: Path) -> None:
+    job, run = lost_node_run(slurm_nodes, tmp_path, mini_shards)
+    slurm_nodes.start_node("lss2")
+    info = slurm_nodes.wait(job, {"COMPLETED"}, timeout=600)
+    out = slurm_nodes.output(job, info)
+    assert out.count("done: 12 steps") == 1 and "resumed from" in out, out[-3000:]
+    metrics, one = read_metrics(run), one_process(mini_shards, tmp_path, *LONGER)
+    assert sorted(metrics) == list(range(1, 13))
+    for step in range(1, 13):  # steps a lost job logged after its checkpoint are done again: the later value stands
+        assert metrics[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
+
+
+@pytest.mark.slow
+def test_a_job_that_lost_a_node_resumes_on_one_node_with_the_data_continuing(
+        slurm_nodes: SlurmNodes, mini_shards: Path, tmp_path: Path) -> None:
+    job, run = lost_node_run(slurm_nodes, tmp_path, mini_shards)
+    slurm_nodes.cancel(job)
+    try:
+        again = submit(slurm_nodes, tmp_path, "lost", mini_shards, *LONGER,
+                       shrink=["--nodes=1", "--nodelist=lss1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                               "--gpus-per-node=0", "--time=15"])
+        info = slurm_nodes.wait(again, {"COMPLETED"}, timeout=600)
+    finally:
+        slurm_nodes.start_node("lss2")
+    out = slurm_nodes.output(again, info)
+    assert "process group up: 2 rank(s) on cpu" in out and "resumed from" in out, out[-3000:]
+    metrics, one = read_metrics(run), one_process(mini_shards, tmp_path, *LONGER)
+    assert sorted(metrics) == list(range(1, 13))
+    for step in range(1, 13):  # data.order=global: the same global batches on 2 ranks as on 4, and on 1
         assert metrics[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
