@@ -4,12 +4,17 @@ pretrain_cae_vith.sh`, shrunk as the one-node tests shrink the scripts (the debu
 train, checkpoint into the run directory on the shared filesystem, log one MLflow run, requeue on the time-limit
 signal into the same run and finish with every step logged once; with `data.order=global` the losses equal a
 one-process run of the same global batch.
+
+Slow: a node lost after a checkpoint (its slurmd and ranks SIGKILLed) ends the job within a bound and SLURM
+requeues it; it resumes when the node is back, or resubmitted on the node that is left; a network cut longer than
+distributed.timeout_s ends every rank within a bound and the job resumes after the repair; a short cut ends nothing.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -124,3 +129,67 @@ def test_a_job_that_lost_a_node_resumes_on_one_node_with_the_data_continuing(
     assert sorted(metrics) == list(range(1, 13))
     for step in range(1, 13):  # data.order=global: the same global batches on 2 ranks as on 4, and on 1
         assert metrics[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
+
+
+CUT = ["trainer.max_steps=12", "distributed.timeout_s=20"]
+
+
+def ranks_on(cluster: SlurmNodes, node: str) -> list[int]:
+    """The training ranks running on `node` (processes of its namespace running `largessl pretrain`)."""
+    ranks = []
+    for pid in cluster.pids(node):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"largessl" in command and b"pretrain" in command:
+            ranks.append(pid)
+    return ranks
+
+
+def gone_within(ready: Callable[[], bool], bound: float) -> float:
+    """Seconds until `ready()`; fails after `bound`."""
+    start = time.monotonic()
+    while not ready():
+        assert time.monotonic() - start < bound, f"not within {bound} s"
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_a_network_cut_longer_than_the_timeout_ends_every_rank_in_bound_and_the_job_resumes(
+        slurm_nodes: SlurmNodes, mini_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "cut"
+    job = submit(slurm_nodes, tmp_path, "cut", mini_shards, *CUT)
+    wait_for_file(run / "checkpoints" / "step_00000002" / "complete.json", slurm_nodes, job)
+    assert ranks_on(slurm_nodes, "lss2")
+    slurm_nodes.link("lss2", up=False)
+    try:
+        ended_within(slurm_nodes, job, 120)  # the job: SLURM finds lss2 silent, or lss1's ranks end
+        gone_within(lambda: not ranks_on(slurm_nodes, "lss2"), 20 + 60)  # the cut-off ranks end on their own
+    finally:
+        slurm_nodes.link("lss2", up=True)
+    slurm_nodes.wait_node("lss2")
+    assert (run / "checkpoints" / "step_00000002" / "complete.json").is_file()  # nothing before the cut is lost
+    info = slurm_nodes.wait(job, {"COMPLETED"}, timeout=600)
+    out = slurm_nodes.output(job, info)
+    assert out.count("done: 12 steps") == 1 and "resumed from" in out, out[-3000:]
+    metrics, one = read_metrics(run), one_process(mini_shards, tmp_path, *CUT)
+    assert sorted(metrics) == list(range(1, 13))
+    for step in range(1, 13):
+        assert metrics[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
+
+
+@pytest.mark.slow
+def test_a_short_network_cut_that_heals_within_the_timeout_does_not_end_the_job(
+        slurm_nodes: SlurmNodes, mini_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "blip"
+    job = submit(slurm_nodes, tmp_path, "blip", mini_shards, *CUT)
+    wait_for_file(run / "checkpoints" / "step_00000002" / "complete.json", slurm_nodes, job)
+    slurm_nodes.link("lss2", up=False)
+    time.sleep(4)  # shorter than distributed.timeout_s (20 s) and than SLURM's node timeout (10 s)
+    slurm_nodes.link("lss2", up=True)
+    info = slurm_nodes.wait(job, {"COMPLETED"}, timeout=600)
+    out = slurm_nodes.output(job, info)
+    assert info["Restarts"] == "0" and out.count("done: 12 steps") == 1, f"{info}\n{out[-3000:]}"
+    assert sorted(read_metrics(run)) == list(range(1, 13))
