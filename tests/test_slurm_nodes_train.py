@@ -87,13 +87,15 @@ def ended_within(cluster: SlurmNodes, job: str, bound: float) -> float:
 
 
 def lost_node_run(cluster: SlurmNodes, workdir: Path, data: Path) -> tuple[str, Path]:
-    """A two-node job that loses node lss2 (its slurmd and ranks SIGKILLed) after its step-2 checkpoint; returns
-    once SLURM has requeued it, within a bound."""
+    """A two-node job that loses node lss2 (its slurmd and ranks SIGKILLed, its link down) after its step-2
+    checkpoint; returns once SLURM has requeued it, within a bound, with the link back (the node still dead)."""
     run = workdir / "runs" / "lost"
     job = submit(cluster, workdir, "lost", data, *LONGER)
     wait_for_file(run / "checkpoints" / "step_00000002" / "complete.json", cluster, job)
-    cluster.kill_node("lss2")
+    cluster.kill_node("lss2")  # a power cut: slurmd, its steps and ranks gone, and its link
+    cluster.link("lss2", up=False)
     assert ended_within(cluster, job, 120) < 120
+    cluster.link("lss2", up=True)
     return job, run
 
 
