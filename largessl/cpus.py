@@ -109,6 +109,12 @@ def sharing_ranks(env: Mapping[str, str]) -> int:
     return max(1, int(local)) if local.isdigit() else 1
 
 
+def cpus_per_rank(env: Mapping[str, str] | None = None) -> int:
+    """This rank's share of the usable CPUs."""
+    env = os.environ if env is None else env
+    return max(1, usable_cpus(env)[0] // sharing_ranks(env))
+
+
 def choose(workers: int, worker_key: str, env: Mapping[str, str] | None = None) -> Threads:
     """The thread count for a process with `workers` DataLoader workers (named `worker_key` in what is said)."""
     env = os.environ if env is None else env

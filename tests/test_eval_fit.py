@@ -8,7 +8,7 @@ import pytest
 from largessl.config.load import config_from_tree, find_recipe
 from largessl.config.loader import read_yaml
 from largessl.config.schema import PretrainConfig
-from largessl.cpus import sharing_ranks, usable_cpus
+from largessl.cpus import cpus_per_rank
 from largessl.errors import ConfigError
 from largessl.eval.fit import fit
 
@@ -22,17 +22,11 @@ def protocol(recipe: str, overrides: list[str] | None = None) -> PretrainConfig:
     return config_from_tree(tree, overrides or [], default_name="probe")
 
 
-def cpus_here() -> int:
-    import os
-
-    return usable_cpus(os.environ)[0] // sharing_ranks(os.environ)
-
-
 def test_the_linear_probe_fits_the_demo_set_on_one_process_and_says_each_change() -> None:
     fitted, said = fit(protocol("eval/linear"), 500, 1, [])
     assert (fitted.optim.global_batch_size, fitted.data.micro_batch_size) == (256, 256)
     assert fitted.accumulation_steps(1) == 1  # ZeRO-0 in bf16: no accumulation
-    assert fitted.data.num_workers == max(1, min(10, cpus_here() - 1, 500 // 256))
+    assert fitted.data.num_workers == max(1, min(10, cpus_per_rank() - 1, 500 // 256))
     assert said[0] == ("fitted to this job: optim.global_batch_size 16384 -> 256 (--train has 500 samples; the peak "
                        "lr follows by the linear rule; set optim.global_batch_size to choose)")
     assert said[1].startswith("fitted to this job: data.micro_batch_size 512 -> 256 (the global batch over 1 rank(s), "
@@ -61,6 +55,6 @@ def test_a_key_given_on_the_command_line_is_never_changed() -> None:
 
 def test_readers_are_no_more_than_can_each_fill_a_batch() -> None:
     fitted, _ = fit(protocol("eval/finetune_vitb16"), 5000, 2, [])  # 5000 // (2 ranks x 64) = 39 readers' worth
-    assert fitted.data.num_workers == max(1, min(10, cpus_here() - 1))
+    assert fitted.data.num_workers == max(1, min(10, cpus_per_rank() - 1))
     fitted, _ = fit(protocol("eval/finetune_vitb16"), 200, 1, [])  # 128 per rank: one reader of 64 x ... fills
     assert fitted.optim.global_batch_size == 128 and fitted.data.num_workers <= 200 // 64

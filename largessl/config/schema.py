@@ -126,7 +126,7 @@ class PretrainConfig:
                 f"{self.optim.global_batch_size} is not a multiple of data.micro_batch_size x world size = "
                 f"{self.data.micro_batch_size} x {world_size}")
         accumulation = self.optim.global_batch_size // per_step
-        require(accumulation == 1 or self.distributed.zero_stage > 0 or self.distributed.precision != "bf16",
+        require(accumulation == 1 or self.distributed.accumulates,
                 "distributed.zero_stage", f"0 cannot accumulate bf16 gradients ({accumulation} micro-batches per "
                 "step here; DeepSpeed's ZeRO-0 has no fp32 accumulation for a bf16 model): use zero_stage 1-3, "
                 "or a global batch of data.micro_batch_size x world size")

@@ -33,6 +33,12 @@ class DistributedConfig:
     """Dense bf16 peak of one device in TFLOP/s, for the `mfu` metric; 0: from the table of known GPUs (mfu.py;
     none on CPU)."""
 
+    @property
+    def accumulates(self) -> bool:
+        """Whether gradients can be accumulated over micro-batches: not at ZeRO-0 in bf16, where DeepSpeed has no
+        fp32 accumulation for a bf16 model."""
+        return self.zero_stage > 0 or self.precision != "bf16"
+
     def validate(self, prefix: str = "distributed") -> None:
         require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage",
                 f"must be 0, 1, 2 or 3 (got {self.zero_stage})")

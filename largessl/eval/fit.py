@@ -15,10 +15,9 @@ A key given on the command line is never changed: a setting that cannot work is 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from largessl.config.schema import PretrainConfig
-from largessl.cpus import sharing_ranks, usable_cpus
+from largessl.cpus import cpus_per_rank
 
 
 def given_keys(overrides: list[str]) -> set[str]:
@@ -30,10 +29,6 @@ def power_of_two_at_most(n: int) -> int:
     return 1 << (n.bit_length() - 1) if n > 0 else 0
 
 
-def cpus_per_rank() -> int:
-    return max(1, usable_cpus(os.environ)[0] // sharing_ranks(os.environ))
-
-
 def fitted_batches(cfg: PretrainConfig, num_samples: int, world: int, given: set[str]) -> tuple[int, int]:
     """(global batch, micro-batch) for `num_samples` training samples on `world` ranks."""
     global_batch, micro = cfg.optim.global_batch_size, cfg.data.micro_batch_size
@@ -41,31 +36,32 @@ def fitted_batches(cfg: PretrainConfig, num_samples: int, world: int, given: set
     if global_batch > num_samples and per_rank and "optim.global_batch_size" not in given:
         global_batch = per_rank * world
     if "data.micro_batch_size" not in given and global_batch % world == 0:
-        no_accumulation = cfg.distributed.zero_stage == 0 and cfg.distributed.precision == "bf16"
-        if micro * world > global_batch or (no_accumulation and micro * world < global_batch):
+        if micro * world > global_batch or (not cfg.distributed.accumulates and micro * world < global_batch):
             micro = global_batch // world
     return global_batch, micro
 
 
-def fitted_workers(cfg: PretrainConfig, num_samples: int, world: int, micro: int, given: set[str]) -> int:
+def fitted_workers(cfg: PretrainConfig, num_samples: int, world: int, micro: int, given: set[str], cpus: int) -> int:
+    """DataLoader workers: at most this rank's `cpus` less one, and readers that each fill a batch per pass."""
     workers = cfg.data.num_workers
     if "data.num_workers" in given or workers <= 1:
         return workers
     fill = num_samples // max(1, world * micro)  # readers that each get one batch per pass
-    return max(1, min(workers, cpus_per_rank() - 1, fill))
+    return max(1, min(workers, cpus - 1, fill))
 
 
 def fit(cfg: PretrainConfig, num_samples: int, world: int, overrides: list[str]) -> tuple[PretrainConfig, list[str]]:
     """`cfg` fitted to a training split of `num_samples` on `world` ranks, and one line per key changed."""
     given = given_keys(overrides)
     global_batch, micro = fitted_batches(cfg, num_samples, world, given)
-    workers = fitted_workers(cfg, num_samples, world, micro, given)
+    cpus = cpus_per_rank()
+    workers = fitted_workers(cfg, num_samples, world, micro, given, cpus)
     why = {"optim.global_batch_size": (cfg.optim.global_batch_size, global_batch,
                                        f"--train has {num_samples} samples; the peak lr follows by the linear rule"),
            "data.micro_batch_size": (cfg.data.micro_batch_size, micro, f"the global batch over {world} rank(s)"
-                                     + (", without accumulation at ZeRO-0 in bf16" if cfg.distributed.zero_stage == 0
-                                        and cfg.distributed.precision == "bf16" else "")),
-           "data.num_workers": (cfg.data.num_workers, workers, f"{cpus_per_rank()} CPU(s) for this rank and readers "
+                                     + ("" if cfg.distributed.accumulates
+                                        else ", without accumulation at ZeRO-0 in bf16")),
+           "data.num_workers": (cfg.data.num_workers, workers, f"{cpus} CPU(s) for this rank and readers "
                                 "that can each fill a batch")}
     said = [f"fitted to this job: {key} {old} -> {new} ({reason}; set {key} to choose)"
             for key, (old, new, reason) in why.items() if old != new]
