@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from largessl.eval.knn import knn_correct, mcnemar_exact
+from largessl.eval.knn import discordant, knn_correct, mcnemar_exact
 from largessl.eval.standalone import checkpoint_features
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     a, tag_a = correct_queries(args.run_a, args.data, args.k, args.temperature, args.pool)
     b, tag_b = correct_queries(args.run_b, args.data, args.k, args.temperature, args.pool)
-    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    only_a, only_b = discordant(a, b)
     print(f"A {tag_a}: {a.float().mean():.4f}\nB {tag_b}: {b.float().mean():.4f}\n"
           f"right only in A: {only_a}, only in B: {only_b}, exact McNemar two-sided p = "
           f"{mcnemar_exact(only_a, only_b):.1e}")

@@ -64,6 +64,11 @@ def knn_top1(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, 
     return float(knn_correct(train, val, k=k, temperature=temperature).float().mean())
 
 
+def discordant(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """(queries only `a` gets right, queries only `b` gets right), of two [Q] bool correctness vectors."""
+    return int((a & ~b).sum()), int((b & ~a).sum())
+
+
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value: the chance that the queries only one of two models gets right split at least
     this unevenly between them if both were equally good. Two accuracies on the same queries are not independent,

@@ -10,12 +10,12 @@ import torch
 
 from largessl.checkpoint import reading
 from largessl.data.build import build_eval_loader
-from largessl.data.index import open_split
+from largessl.data.index import SplitIndex, open_split
 from largessl.data.transforms import EvalTransform
 from largessl.distributed.ema import read_teacher_fp32
 from largessl.errors import UserError
 from largessl.eval.config import knn_metric
-from largessl.eval.knn import extract_features, knn_correct, mcnemar_exact
+from largessl.eval.knn import discordant, extract_features, knn_correct, mcnemar_exact
 from largessl.eval.labels import relabelled
 from largessl.eval.source import load_encoder as load_exported
 from largessl.eval.source import open_pretrained
@@ -53,14 +53,16 @@ def checkpoint_features(checkpoint: Path, train: str, val: str, *, train_split: 
     """([train (features, labels), val (features, labels)], run config, client state, tag directory) from
     the eval encoder of a run's newest complete checkpoint (or the one of `step`)."""
     encoder, cfg, states, tag_dir = load_encoder(checkpoint, step)
-    loaders = split_loaders(cfg, (train, train_split), (val, val_split), batch_size, num_workers)
-    return pooled_features(encoder, loaders, pool), cfg, states, tag_dir
+    indices = open_splits(train, train_split, val, val_split)
+    return pooled_features(encoder, split_loaders(cfg, indices, batch_size, num_workers), pool), cfg, states, tag_dir
 
 
-def split_loaders(cfg: object, train: tuple[str, str], val: tuple[str, str], batch_size: int,
-                  num_workers: int) -> list:
+def open_splits(train: str, train_split: str, val: str, val_split: str) -> list[SplitIndex]:
+    return [open_split(train, train_split, "--train"), open_split(val, val_split, "--val")]
+
+
+def split_loaders(cfg: object, indices: list[SplitIndex], batch_size: int, num_workers: int) -> list:
     """The train and val splits' evaluation loaders at the run's image size, val labels mapped onto train's."""
-    indices = [open_split(*train, "--train"), open_split(*val, "--val")]
     transform = EvalTransform(cfg.model.image_size)
     loaders = [build_eval_loader(index, transform, batch_size=batch_size, rank=0, world_size=1,
                                  num_workers=num_workers, image_size=cfg.model.image_size) for index in indices]
@@ -91,17 +93,17 @@ def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_spl
             temperature: float, batch_size: int, num_workers: int, pool: str = "cls", step: int | None = None,
             tracking_uri: str = "", baseline: bool = False) -> dict:
     encoder, cfg, states, tag_dir = load_encoder(checkpoint, step)
-    splits = ((train, train_split), (val, val_split), batch_size, num_workers)
-    features = pooled_features(encoder, split_loaders(cfg, *splits), pool)
+    indices = open_splits(train, train_split, val, val_split)
+    features = pooled_features(encoder, split_loaders(cfg, indices, batch_size, num_workers), pool)
     correct = knn_correct(features[0], features[1], k=k, temperature=temperature)
     pretrained = open_pretrained(checkpoint, step)
     step, metric = int(states.get("step", 0)), knn_metric(pool)
     result = {"knn_top1": float(correct.float().mean()), "metric": metric, "pool": pool, "step": step,
               "checkpoint": str(tag_dir), "train": train, "val": val, "num_train": len(features[0][1]),
               "num_val": len(features[1][1]), "k": k, "temperature": temperature,
-              "chance": 1 / max(1, len(open_split(train, train_split, "--train").classes))}
+              "chance": 1 / max(1, len(indices[0].classes))}
     if baseline:
-        initial = pooled_features(initial_encoder(cfg), split_loaders(cfg, *splits), pool)
+        initial = pooled_features(initial_encoder(cfg), split_loaders(cfg, indices, batch_size, num_workers), pool)
         result.update(compared_with_init(correct, knn_correct(initial[0], initial[1], k=k, temperature=temperature)))
     out = pretrained.eval_dir / f"{metric.replace('_top1', '')}_step{step:08d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,6 @@ def run_knn(checkpoint: Path, train: str, val: str, *, train_split: str, val_spl
 
 def compared_with_init(trained: torch.Tensor, initial: torch.Tensor) -> dict:
     """The baseline's top-1 and the paired comparison on the same queries (exact McNemar)."""
-    only_trained, only_initial = int((trained & ~initial).sum()), int((initial & ~trained).sum())
+    only_trained, only_initial = discordant(trained, initial)
     return {"baseline_top1": float(initial.float().mean()), "only_trained": only_trained,
             "only_baseline": only_initial, "mcnemar_p": mcnemar_exact(only_trained, only_initial)}
