@@ -230,7 +230,8 @@ def convert_command(args: argparse.Namespace) -> int:
     if getattr(args, "val_per_class", 0) < 0:
         raise ToolError("--val-per-class must be 0 or more")
 
-    from data_tools.convert import Conversion, Options, run
+    from data_tools.conversion import Conversion, Options
+    from data_tools.convert import run
 
     options = Options(max_size=args.max_size, quality=args.quality, seed=args.seed,
                       samples_per_shard=args.samples_per_shard,

@@ -233,7 +233,7 @@ def test_a_conversion_planned_before_exact_counts_resumes_with_its_own_plan(tmp_
     still meant equal counts) finishes with the equal cut its first shards were written with, not a mix."""
     from dataclasses import replace
 
-    from data_tools.convert import Conversion, Options, write_json
+    from data_tools.conversion import Conversion, Options, write_json
 
     src = image_subset(tmp_path / "src", 30)
     out = tmp_path / "ds"
