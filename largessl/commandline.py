@@ -12,6 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
+from largessl import endings
 from largessl.console import err_line
 from largessl.errors import SharedError, UserError, is_lost_peer, one_line
 from largessl.files import write_atomic
@@ -45,8 +46,9 @@ def report_failure(exc: BaseException) -> int:
         traceback.print_exception(exc)
     if code == 2 and isinstance(exc, SharedError) and int(os.environ.get("RANK", "0")) != 0:
         record_for_launcher(line)  # the same on every rank: rank 0 says it
+        endings.keep(line)
         return code
-    err_line(line)
+    endings.say(line)
     record_for_launcher(line, "".join(traceback.format_exception(exc)) if bug else line)
     return code
 

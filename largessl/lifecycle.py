@@ -18,14 +18,15 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from largessl import endings
 from largessl.console import err_line
 
 PR_SET_PDEATHSIG = 1
 # SLURM sends SIGTERM (or a chosen signal such as USR1) before preempting; Ctrl-C is SIGINT.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STOP_CHECK_EVERY = 10  # steps between the collective stop checks of a training loop (and at reports, saves)
-STARTUP_GRACE_S = 20.0  # a stop signal in start-up that no stop point takes within this ends the process (SLURM's
-# default KillWait, between its SIGTERM and SIGKILL, is 30 s)
+STARTUP_GRACE_S = 20.0  # a stop signal that finds a rank held ends it after this (SLURM's default KillWait, between
+# its SIGTERM and SIGKILL, is 30 s; for SIGTERM in a SLURM job, half of its KillWait: StopSignals.grace_s)
 REQUEUE_LEAD_S = 5.0  # how long the other ranks of a held job leave rank 0 to requeue it before they exit
 
 
@@ -73,16 +74,23 @@ class StopSignals:
     the next stop point agrees on it over all ranks (`Trainer`). A second Ctrl-C stops at once.
 
     Python runs a signal handler only when the main thread is between bytecodes, so a main thread blocked in C
-    during start-up (a rendezvous or a collective waiting for a rank that is gone, a read of a filesystem that
-    does not answer) would never act on one. The signals are therefore also heard on a thread (the wakeup file
-    descriptor): a stop signal during start-up that no stop point has taken within STARTUP_GRACE_S ends the process
-    from there (`end_stuck`). `started()` says start-up is over: a stop point took the signal, or training began
-    (its stop checks and the watchdog take over)."""
+    (a rendezvous or a collective waiting for a rank that is gone, a read of a filesystem that does not answer)
+    would never act on one, and SLURM's SIGKILL, KillWait after its SIGTERM, would end it without a word. The
+    signals are therefore also heard on a thread (the wakeup file descriptor), which ends a held process with one
+    line (`end_stuck`) after `grace_s`:
+    - in start-up, a stop signal that no stop point took (nothing new exists to save);
+    - in training, a SIGTERM after which this rank made no progress (no watchdog mark: `training(progress)`). Only
+      SIGTERM: SLURM kills next. The time-limit signal comes with minutes to spare, and a rank held then is the
+      watchdog's (distributed.timeout_s); a long phase (a checkpoint write) is no reason to end.
+    `stand_down()`: a stop point took the signal, or the job is closing; the thread acts no more."""
 
     def __init__(self) -> None:
         self.received = 0
         self.previous: dict[int, object] = {}
-        self.over = threading.Event()  # start-up is over: the thread no longer ends the process
+        self.moved = threading.Event()  # start-up is over: training began, or the thread stood down
+        self.over = threading.Event()  # the thread acts no more
+        self.progress: Callable[[], tuple[int, str, int]] | None = None  # (marks, phase, step) once training
+        self.kill_wait_s: float | None = None  # SLURM's, read by the thread
         self.wakeup = -1  # the previous wakeup fd, restored on exit
 
     def __enter__(self) -> StopSignals:
@@ -95,22 +103,54 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.over.set()
+        self.stand_down()
         signal.set_wakeup_fd(self.wakeup)
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous.clear()
 
-    def started(self) -> None:
-        """Start-up is over (training began, or a stop point took the signal)."""
+    def training(self, progress: Callable[[], tuple[int, str, int]]) -> None:
+        """Start-up is over: training began; `progress()` is this rank's (marks, phase, step)."""
+        self.progress = progress
+        self.moved.set()
+
+    def stand_down(self) -> None:
+        """A stop point took the signal, or the job is closing: the thread ends nothing from now on."""
         self.over.set()
+        self.moved.set()
+
+    def grace_s(self, signum: int) -> float:
+        """How long a held rank waits after `signum` before it ends itself: STARTUP_GRACE_S, less for SIGTERM in a
+        SLURM job, half its KillWait, so the line comes before SLURM's SIGKILL."""
+        if signum == signal.SIGTERM and self.kill_wait_s:
+            return min(STARTUP_GRACE_S, self.kill_wait_s / 2)
+        return STARTUP_GRACE_S
 
     def _hear(self, read: int) -> None:
         """The thread: each stop signal as it arrives, whatever the main thread is doing."""
+        from largessl.launch import slurm
+
+        self.kill_wait_s = slurm.kill_wait_s()
         while not self.over.is_set() and (data := os.read(read, 64)):
             stops = [signum for signum in data if signum in STOP_SIGNALS]
-            if stops and not self.over.wait(STARTUP_GRACE_S):
-                end_stuck(stops[0])
+            if stops:
+                self._watch(stops[0])
+
+    def _watch(self, signum: int) -> None:
+        """Whether `signum` finds this rank held: end it then (see the class)."""
+        grace = self.grace_s(signum)
+        if not self.moved.wait(grace):
+            end_stuck(signum, f"during start-up, and no stop point came within {grace:.0f} s", "nothing new to save")
+        if signum != signal.SIGTERM:
+            return
+        marks = -1
+        while self.progress is not None and not self.over.is_set():
+            now, phase, step = self.progress()
+            if now == marks:
+                end_stuck(signum, f"at step {step}, and no progress came within {grace:g} s (in {phase})",
+                          "the newest complete checkpoint stands")
+            marks = now
+            self.over.wait(grace)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.received and signum == signal.SIGINT:
@@ -122,20 +162,19 @@ class StopSignals:
         self.received = signum
 
 
-def end_stuck(signum: int) -> None:
-    """A stop signal came during start-up and no stop point took it within STARTUP_GRACE_S: this rank is held (it
-    cannot take part in one). Nothing new exists to save: rank 0 requeues a SLURM job on the time-limit signal, the
-    other ranks leave REQUEUE_LEAD_S later (srun ends the step when one rank exits), and the process ends with one
-    line and 128 + the signal, as a job stopped at a stop point does."""
+def end_stuck(signum: int, how: str, outcome: str) -> None:
+    """A stop signal found this rank held (StopSignals): one line (kept in the run directory too), and the process
+    ends with 128 + the signal, as a job stopped at a stop point does. On the time-limit signal rank 0 requeues a
+    SLURM job and the other ranks leave REQUEUE_LEAD_S later (srun ends the step when one rank exits)."""
     from largessl.launch import slurm
 
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-        slurm.requeue_on(signum, True, "it resumes where this job started")
-    else:
-        time.sleep(REQUEUE_LEAD_S)
-    err_line(f"{rank_prefix()}stopped by {signal_name(signum)} during start-up, and no stop point came within "
-             f"{STARTUP_GRACE_S:.0f} s (this rank is held: by a rank that is gone, or a filesystem that does not "
-             "answer): ending now; nothing new to save")
+    endings.say(f"{rank_prefix()}stopped by {signal_name(signum)} {how} (this rank is held: by a rank that is "
+                f"gone, or a filesystem that does not answer): ending now; {outcome}")
+    if signum == slurm.REQUEUE_SIGNAL:
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            slurm.requeue_on(signum, True, "it resumes from its newest complete checkpoint")
+        else:
+            time.sleep(REQUEUE_LEAD_S)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(128 + signum)

@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import torch
 
-from largessl import watchdog
+from largessl import endings, watchdog
 from largessl.distributed import comm
 from largessl.distributed.env import DistEnv
 from largessl.launch import slurm
-from largessl.lifecycle import STOPS, Stopped, signal_name
+from largessl.lifecycle import STOPS, Stopped, rank_prefix, signal_name
 
 
 def stop_point(env: DistEnv, phase: str, note: Callable[[str], None], *, last: bool = False) -> None:
@@ -25,9 +25,10 @@ def stop_point(env: DistEnv, phase: str, note: Callable[[str], None], *, last: b
     one, training's stop checks take over from start-up's (lifecycle.StopSignals)."""
     watchdog.mark(f"start-up: {phase}")
     signum = int(comm.all_reduce_max(torch.tensor([float(STOPS.received)], device=env.device))[0])
-    if signum or last:
-        STOPS.started()
+    if last and not signum:
+        STOPS.training(watchdog.progress)
     if signum:
+        STOPS.stand_down()
         note(f"stopped by {signal_name(signum)} during start-up ({phase}); nothing new to save")
         raise Stopped(signum)
 
@@ -36,9 +37,17 @@ def hand_over(signum: int, is_main: bool, outcome: str) -> None:
     """Stopping for `signum`, before any rank exits: on the time-limit signal rank 0 requeues a SLURM job, and every
     rank waits for that (srun's --kill-on-bad-exit ends the step as soon as one rank exits, and with it a requeue
     still to come)."""
+    STOPS.stand_down()
+    endings.keep(f"{rank_prefix()}stopped by {signal_name(signum)}; {outcome}")
     watchdog.mark("requeue")
     slurm.requeue_on(signum, is_main, outcome)
     comm.barrier()
+
+
+def closing() -> None:
+    """The job is closing (whatever ended it): the watchdog stops, and a stop signal no longer finds a held rank."""
+    STOPS.stand_down()
+    watchdog.watch(None)
 
 
 def start_watchdog(timeout_s: float, env: DistEnv) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from largessl import checkpoint, checkpointing, epochs, rng, watchdog
+from largessl import checkpoint, checkpointing, endings, epochs, rng, watchdog
 from largessl.config.load import dump_config
 from largessl.config.loader import to_dict
 from largessl.config.schema import PretrainConfig
@@ -34,7 +34,7 @@ from largessl.optim.param_groups import build_param_groups
 from largessl.optim.schedules import apply_schedules
 from largessl.progress import Interval, peak_memory_gb, progress_line, say, sync
 from largessl.run_dir import RunDir
-from largessl.stopping import hand_over, start_watchdog, stop_point
+from largessl.stopping import closing, hand_over, start_watchdog, stop_point
 from largessl.tracking import NullTracker, browse_hint, check_store
 from largessl.tracking.training import start_training_run
 from largessl.tracking.usage import Usage
@@ -152,7 +152,7 @@ class Trainer:
         if self.closed:
             return
         self.closed = True
-        watchdog.watch(None)
+        closing()
         kill_workers()
         if self.usage and self.step:  # the time since the last progress line (a checkpoint, say) counts too
             self.tracker.log_metrics(self.usage.logged(), self.step)
@@ -179,6 +179,7 @@ class Trainer:
             raise SharedError(problem)
         if not self.env.is_main:
             self.run.lock_as_rank(self.env.rank)
+        endings.keep_in(self.run_dir, self.env.rank)  # each rank's last line, there too
 
     def _record_config(self) -> None:
         if self.env.is_main:
@@ -340,11 +341,8 @@ class Trainer:
 
     def client_state(self) -> dict[str, Any]:
         return {
-            "step": self.step,
-            "samples_seen": self.step * self.cfg.optim.global_batch_size,
-            "epoch": self.epoch(),
-            "world_size": self.env.world_size,
-            "num_workers": self.cfg.data.num_workers,
+            "step": self.step, "samples_seen": self.step * self.cfg.optim.global_batch_size, "epoch": self.epoch(),
+            "world_size": self.env.world_size, "num_workers": self.cfg.data.num_workers,
             "micro_batch_size": self.cfg.data.micro_batch_size,
             "data": comm.all_gather_object(self.position.state_dict()),
             "rng": comm.all_gather_object(rng.capture_rng()),
@@ -382,6 +380,7 @@ class Trainer:
         return int(stop), bool(save > 0)
 
     def _say_done(self) -> None:
+        endings.keep(f"done: {self.step} steps")
         if not self.env.is_main:
             return
         say(f"done: {self.step} steps; run directory {self.run_dir}")

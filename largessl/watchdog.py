@@ -30,8 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from largessl import faults
-from largessl.console import err_line
+from largessl import endings, faults
 from largessl.lifecycle import rank_prefix
 from largessl.threads import bounded
 
@@ -94,7 +93,7 @@ class Watchdog:
         why, silent = self.judge(store, beat)
         line = (f"largessl: error: {rank_prefix()}no progress for {self.timeout_s:g} s "
                 f"(distributed.timeout_s) in {self.phase} at step {self.step}: {why}; ending the job")
-        err_line(line)
+        endings.say(line)
         self.on_hang(silent)
 
     def judge(self, store: Any, beat: int) -> tuple[str, list[int]]:
@@ -169,13 +168,21 @@ def _store_call(action: Callable[[], Any], timeout: float = STORE_WAIT_S) -> Any
 # ----------------------------------------------------------------------------- the process's watchdog
 
 _current: Watchdog | None = None
+_progress = (0, "start-up", 0)  # this process's (marks, phase, step), with or without a watchdog
 
 
 def mark(phase: str, step: int | None = None) -> None:
     """Mark a phase on this process's watchdog (nothing when none runs: tests, bench, a single evaluation)."""
+    global _progress
     faults.reached(phase, step)
+    _progress = (_progress[0] + 1, phase, _progress[2] if step is None else step)
     if _current is not None:
         _current.mark(phase, step)
+
+
+def progress() -> tuple[int, str, int]:
+    """(marks so far, the current phase, its step): how far this process got (lifecycle.StopSignals asks)."""
+    return _progress
 
 
 def watch(watchdog: Watchdog | None) -> None:

@@ -34,6 +34,7 @@ CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                       "DEADLINE", "PREEMPTED"})
 GPUS = 8
+KILL_WAIT = 5  # seconds from SLURM's SIGTERM of a job's processes to its SIGKILL (SLURM's default: 30)
 CRED_EXPIRE = 5  # seconds; a requeued job's BeginTime is the requeue + CRED_EXPIRE + 1
 PR_SET_PDEATHSIG = 1
 ROOT_PREFIX = "largessl-slurm-"
@@ -68,7 +69,7 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-KillWait=5
+KillWait={kill_wait}
 SlurmdTimeout={slurmd_timeout}
 MinJobAge=60
 InactiveLimit=0
@@ -265,7 +266,7 @@ def write_slurm_conf(root: Path, controller: str, nodes: str, per_node: str = ""
     # Random job ids: largessl's MASTER_PORT is 20000 + job id % 20000, so two sessions on one host (both at job 1
     # otherwise) would collide.
     text = SLURM_CONF.format(root=root, controller=controller, ctld_port=free_port(), slurmd_port=free_port(),
-                             nodes=nodes, per_node=per_node, slurmd_timeout=slurmd_timeout,
+                             nodes=nodes, per_node=per_node, slurmd_timeout=slurmd_timeout, kill_wait=KILL_WAIT,
                              cred_expire=CRED_EXPIRE, first_job_id=random.randrange(100_000, 10_000_000))
     (root / "slurm.conf").write_text(text)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CLASSES, MINI_IMAGES, REPO
-from slurm_cluster import SlurmCluster
+from slurm_cluster import KILL_WAIT, SlurmCluster
 
 # Fits a pretrain script onto one 2-core node; --gpus-per-node=8 stays (a count-only GRES here). --time above the
 # 10 minutes of --signal=USR1@600, else SLURM sends USR1 as soon as the job starts.
@@ -51,6 +51,23 @@ def test_requeue_restarts_the_job(slurm_cluster: SlurmCluster, tmp_path: Path) -
     info = slurm_cluster.wait(job, states={"COMPLETED"}, timeout=30)
     assert runs.read_text().split() == ["0", "1"]
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0"
+
+
+def test_a_job_reads_slurms_kill_wait_and_a_held_rank_ends_within_it(slurm_cluster: SlurmCluster,
+                                                                        tmp_path: Path) -> None:
+    """largessl reads KillWait in a job (launch/slurm.kill_wait_s): after SIGTERM a held rank ends at half of it,
+    before SLURM's SIGKILL (lifecycle.StopSignals.grace_s); outside a job it is not asked."""
+    code = ("from largessl.launch import slurm; from largessl.lifecycle import StopSignals; import signal; "
+            "stops = StopSignals(); stops.kill_wait_s = slurm.kill_wait_s(); "
+            "print(stops.kill_wait_s, stops.grace_s(signal.SIGTERM), stops.grace_s(signal.SIGUSR1))")
+    script = f"#!/bin/bash\nsrun {sys.executable} -c '{code}'\n"
+    job = slurm_cluster.sbatch(script, options=["--ntasks=1", f"--output={tmp_path}/%j.out"], cwd=tmp_path,
+                               env=job_env(tmp_path))
+    info = slurm_cluster.wait(job, states={"COMPLETED"}, timeout=30)
+    assert slurm_cluster.output(job, info).split() == [f"{KILL_WAIT:.1f}", f"{KILL_WAIT / 2:g}", "20.0"]
+    from largessl.launch import slurm
+
+    assert "SLURM_JOB_ID" not in os.environ and slurm.kill_wait_s() is None
 
 
 def test_signal_reaches_the_tasks_not_the_batch_shell(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:

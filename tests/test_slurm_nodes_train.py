@@ -5,16 +5,20 @@ train, checkpoint into the run directory on the shared filesystem, log one MLflo
 signal into the same run and finish with every step logged once; with `data.order=global` the losses equal a
 one-process run of the same global batch.
 
-Slow: a node lost after a checkpoint (its slurmd and ranks SIGKILLed) ends the job within a bound and SLURM
-requeues it; it resumes when the node is back, or resubmitted on the node that is left; a network cut longer than
-distributed.timeout_s ends every rank within a bound and the job resumes after the repair; a short cut ends nothing.
+Slow: a node lost after a checkpoint (its slurmd and ranks SIGKILLed) ends the job within a bound, the ranks left
+each with one line, and SLURM requeues it; it resumes when the node is back, or resubmitted on the node that is
+left; a network cut longer than distributed.timeout_s ends every rank, on both sides of the cut, with one line within
+a bound, and the job resumes after the repair; a short cut ends nothing. Each rank's line is read where every node
+keeps it (RUN_DIR/ends/rank_N.log): the cut-off ranks' stderr reaches srun only over the cut link.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -55,6 +59,12 @@ def test_the_headline_script_trains_across_two_nodes_requeues_and_matches_one_pr
     (logged,) = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
     assert sorted(m.step for m in client.get_metric_history(logged.info.run_id, "loss")) == list(range(1, 7))
     assert_like_one_process(run, mini_shards, tmp_path)  # one process, 4 micro-batches per step
+    stopped, done = endings(run, job, 0), endings(run, job, 1)
+    for rank in range(4):  # ranks 0-1 on the first node, 2-3 on the second; each kept how its run ended
+        host = f"lss{1 + rank // 2}"
+        assert [(h, line.split(";")[0]) for _, h, line in stopped[rank]] == [
+            (host, f"[rank {rank}] stopped by SIGUSR1")], stopped
+        assert [(h, line) for _, h, line in done[rank]] == [(host, "done: 6 steps")], done
 
 LONGER = ["trainer.max_steps=12", "distributed.timeout_s=30"]  # steps left to lose a node in; a short timeout
 
@@ -84,6 +94,28 @@ def assert_like_one_process(run: Path, data: Path, workdir: Path, *extra: str) -
         assert metrics[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
 
 
+def endings(run: Path, job: str, attempt: int) -> dict[int, list[tuple[float, str, str]]]:
+    """What each rank of job `job`'s run number `attempt` (0 first, 1 after one requeue) kept as its ending in
+    RUN_DIR/ends/rank_N.log: rank -> [(unix time, host, line)]."""
+    kept: dict[int, list[tuple[float, str, str]]] = {}
+    for path in sorted((run / "ends").glob("rank_*.log")):
+        for text in path.read_text().splitlines():
+            found = re.fullmatch(r"(\S+) job (\d+)\.(\d+) host (\S+) pid \d+: (.*)", text)
+            assert found, text
+            if (found[2], int(found[3])) == (job, attempt):
+                stamp = datetime.strptime(found[1], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+                kept.setdefault(int(path.stem.split("_")[1]), []).append((stamp, found[4], found[5]))
+    return kept
+
+
+def one_line_each(kept: dict[int, list[tuple[float, str, str]]], ranks: range, since: float, bound: float) -> None:
+    """Each of `ranks` ended with one line, at most `bound` s after `since` (unix time)."""
+    assert sorted(kept) == list(ranks), kept
+    for rank in ranks:
+        ((stamp, _host, line),) = kept[rank]
+        assert since - 1 <= stamp <= since + bound, (rank, stamp - since, line)
+
+
 def finishes_resumed(cluster: SlurmNodes, job: str, run: Path, data: Path, workdir: Path, *extra: str) -> None:
     """The requeued job completes, resumed from a checkpoint, with one uninterrupted process's losses."""
     info = cluster.wait(job, {"COMPLETED"}, timeout=600)
@@ -104,10 +136,12 @@ def lost_node_run(cluster: SlurmNodes, workdir: Path, data: Path) -> tuple[str, 
     """A two-node job that loses node lss2 (its slurmd and ranks SIGKILLed, its link down) after its step-2
     checkpoint; returns once SLURM has requeued it, within a bound, with the link back (the node still dead)."""
     job, run = past_first_checkpoint(cluster, workdir, "lost", data, *LONGER)
+    killed = time.time()
     cluster.kill_node("lss2")  # a power cut: slurmd, its steps and ranks gone, and its link
     cluster.link("lss2", up=False)
     assert ended_within(cluster, job, 120) < 120
     cluster.link("lss2", up=True)
+    one_line_each(endings(run, job, 0), range(2), killed, 60)  # the ranks on lss1; lss2's died without a word
     return job, run
 
 
@@ -166,25 +200,38 @@ def gone_within(ready: Callable[[], bool], bound: float) -> float:
     return time.monotonic() - start
 
 
+def steps_gone(cluster: SlurmNodes, bound: float) -> None:
+    """No job step (slurmstepd) left on any node, for 2 s in a row; fails after `bound` s."""
+    def none_left() -> bool:
+        return not any(processes_on(cluster, node, b"slurmstepd") for node in cluster.names)
+
+    gone_within(lambda: none_left() and not time.sleep(2) and none_left(), bound)
+
+
 @pytest.mark.slow
 def test_a_network_cut_longer_than_the_timeout_ends_every_rank_in_bound_and_the_job_resumes(
         slurm_nodes: SlurmNodes, mini_shards: Path, tmp_path: Path) -> None:
     job, run = past_first_checkpoint(slurm_nodes, tmp_path, "cut", mini_shards, *CUT)
     assert ranks_on(slurm_nodes, "lss2")
+    cut = time.time()
     slurm_nodes.link("lss2", up=False)
     try:
         ended_within(slurm_nodes, job, 120)  # the job: SLURM finds lss2 silent, or lss1's ranks end
-        # held until lss2's stale step is cleaned up: the requeued job reuses its id and step 0, and a cleanup that
-        # reaches lss2 after the relaunch would end the new step (this test releases requeued jobs after 2 s,
-        # where SLURM waits its credential's lifetime)
+        # held until the old run's processes are gone from both nodes: the requeued job reuses its id and step 0,
+        # and a cleanup that comes after the relaunch (lss2's stale step once the link is back, the SIGKILL that
+        # follows KillWait on lss1) would end the new run (this test releases requeued jobs after 2 s, where SLURM
+        # waits its credential's lifetime)
         slurm_nodes.command("scontrol", "hold", job)
         gone_within(lambda: not ranks_on(slurm_nodes, "lss2"), 20 + 60)  # the cut-off ranks end on their own
     finally:
         slurm_nodes.link("lss2", up=True)
     slurm_nodes.wait_node("lss2")
-    gone_within(lambda: not processes_on(slurm_nodes, "lss2", b"slurmstepd"), 90)
+    steps_gone(slurm_nodes, 90)
     slurm_nodes.command("scontrol", "release", job)
     assert (run / "checkpoints" / "step_00000002" / "complete.json").is_file()  # nothing before the cut is lost
+    # every rank, on both sides of the cut, ended with one line (lss2's reach srun only through the cut link: they
+    # are kept in the run directory) within the bound: the watchdog's timeout and its judgement, with a margin
+    one_line_each(endings(run, job, 0), range(4), cut, 20 + 40)
     finishes_resumed(slurm_nodes, job, run, mini_shards, tmp_path, *CUT)
 
 

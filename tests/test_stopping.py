@@ -167,7 +167,8 @@ def state(pid: int) -> str:
 def test_a_rank_held_in_start_up_ends_on_a_stop_signal_within_the_grace(mini_shards: Path, tmp_path: Path) -> None:
     """Rank 0 freezes at its first start-up stop point (a fault: SIGSTOP), so rank 1 waits in that stop point's
     collective, its main thread blocked in C where no Python signal handler runs. SIGTERM to rank 1 still ends it,
-    STARTUP_GRACE_S later, with one line (heard on its signal thread), not at the launcher's SIGKILL."""
+    STARTUP_GRACE_S later (outside SLURM), with one line (heard on its signal thread), not at the launcher's SIGKILL;
+    it does not wait REQUEUE_LEAD_S for a requeue, which only the time-limit signal asks for."""
     import subprocess
     import sys
 
@@ -200,7 +201,7 @@ def test_a_rank_held_in_start_up_ends_on_a_stop_signal_within_the_grace(mini_sha
             f"[rank 1] stopped by SIGTERM during start-up, and no stop point came within {STARTUP_GRACE_S:.0f} s "
             "(this rank is held: by a rank that is gone, or a filesystem that does not answer): ending now; "
             "nothing new to save"), "".join(lines)[-3000:]
-        assert STARTUP_GRACE_S + 4 <= took < STARTUP_GRACE_S + 15  # REQUEUE_LEAD_S (5 s) after the grace on rank 1
+        assert STARTUP_GRACE_S <= took < STARTUP_GRACE_S + 4  # no requeue on SIGTERM: no lead for rank 0's
         deadline = time.monotonic() + 10
         while state(rank1) not in ("", "Z"):
             assert time.monotonic() < deadline, "rank 1 still running"

@@ -72,6 +72,19 @@ def job_id() -> str:
     return os.environ.get("SLURM_JOB_ID", "")
 
 
+def kill_wait_s() -> float | None:
+    """SLURM's KillWait, the seconds between its SIGTERM to a job's processes and its SIGKILL (`scontrol show
+    config`); None outside a job, or when scontrol fails or does not answer within 5 s."""
+    if not job_id():
+        return None
+    try:
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"^KillWait\s*=\s*(\d+) sec", shown, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
 def restart_count() -> int:
     """How often SLURM has requeued this job (0 for its first run, or outside SLURM)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
