@@ -21,7 +21,7 @@ from largessl.data.index import open_split
 from largessl.data.loader import DataPosition, kill_workers
 from largessl.distributed import comm
 from largessl.distributed.ema import EMATeacher
-from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, load_weights, model_init_context
+from largessl.distributed.engine import Engine, deepspeed_config, init_distributed, model_init_context
 from largessl.errors import SharedError, UserError
 from largessl.eval.in_training import InTrainingEval
 from largessl.health import FiniteGuard, decode_first_bad, diverged
@@ -38,6 +38,7 @@ from largessl.stopping import closing, hand_over, start_watchdog, stop_point
 from largessl.tracking import NullTracker, browse_hint, check_store
 from largessl.tracking.training import start_training_run
 from largessl.tracking.usage import Usage
+from largessl.weight_import import load_initial
 
 
 class Trainer:
@@ -98,9 +99,8 @@ class Trainer:
         self.speed = Speed(objective, self.env.device, self.env.world_size, cfg.distributed.peak_tflops)
         if cfg.model.compile:
             self.note(f"model.compile: {compile_blocks(objective)} transformer blocks compiled on first use")
-        loaded = load_weights(objective, objective.initial_weights())  # an evaluation's pretrained encoder
-        if loaded:
-            self.note(f"initial weights: {loaded} tensors from {cfg.objective.checkpoint}")
+        for line in load_initial(objective, cfg, resuming=bool(checkpoint.newest_complete(self.ckpt_dir))):
+            self.note(line)  # an evaluation's pretrained encoder, or model.init_from
         self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
                              betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device,
                              make_optimizer=partial(make_optimizer, cfg=cfg.optim))

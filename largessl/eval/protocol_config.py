@@ -51,7 +51,9 @@ class ProtocolConfig:
         require(self.head_init_std > 0, f"{prefix}.head_init_std", "must be > 0")
 
     def validate_with_model(self, model: ModelConfig) -> None:
-        """Nothing beyond the model section's own checks."""
+        """An evaluation starts from its --checkpoint: model.init_from has no place here."""
+        require(not model.init_from, "model.init_from",
+                "an evaluation starts from the pretrained encoder --checkpoint names; leave model.init_from unset")
 
 
 @dataclass

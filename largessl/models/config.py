@@ -31,6 +31,11 @@ class ModelConfig:
     """Recompute each transformer block in the backward pass (non-reentrant) to save activation memory."""
     drop_path_rate: float = 0.0
     """Stochastic depth, linearly increasing over depth (MAE pretraining uses 0)."""
+    init_from: str = ""
+    """Start a new run from released weights: a timm state dict (.safetensors, .pth/.bin) or timm directory, an
+    MAE checkpoint (with its decoder, if it has one) or a DINO checkpoint (its student's backbone and head). What
+    the file lacks starts fresh, what this run cannot use is ignored; start-up says which. Not read when the run
+    resumes from its own checkpoint."""
     compile: bool = False
     """torch.compile each transformer block (inductor; the first steps pay the compilation, about a minute; ZeRO
     0-2). Off until a GPU measurement says it helps (benchmarks/gpu_checks.sh times both)."""

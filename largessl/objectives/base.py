@@ -113,6 +113,10 @@ class Objective(nn.Module):
     def eval_encoder(self) -> ViTEncoder:
         return self.encoder
 
+    def trained_encoder(self) -> ViTEncoder:
+        """The encoder the optimizer trains (DINO: the student's backbone): what model.init_from starts."""
+        return self.encoder
+
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
 

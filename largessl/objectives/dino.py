@@ -130,6 +130,9 @@ class DINO(Objective):
     def eval_encoder(self) -> ViTEncoder:
         return self.teacher.backbone  # methods.md 3.6: evaluate the teacher
 
+    def trained_encoder(self) -> ViTEncoder:
+        return self.student.backbone
+
     def compute_dtype(self) -> torch.dtype:
         return self.student.backbone.patch_embed.proj.weight.dtype
 

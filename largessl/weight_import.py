@@ -1,0 +1,383 @@
+"""Starting from public weights (`model.init_from`): a released ViT, in the form it was saved, becomes the first
+weights of a pretraining run, with every tensor of the file and of the objective accounted for.
+
+What a file is comes from its contents, never from its name:
+- a safetensors file or a torch pickle holding a flat state dict under timm's VisionTransformer names (timm's own
+  files, the DINO release `dino_vitbase16_pretrain.pth`, `largessl export --format safetensors`);
+- a directory holding `model.safetensors` (or `pytorch_model.bin`) beside timm's `config.json`
+  (`largessl export --format timm`, `save_pretrained` of timm);
+- MAE's checkpoints, `{"model": ...}`: the encoder alone (`mae_pretrain_vit_base.pth`) or with its decoder (the
+  `_full` files: mask_token, decoder_embed, decoder_pos_embed, decoder_blocks, decoder_norm, decoder_pred);
+- DINO's full checkpoints, `{"student": ..., "teacher": ...}`: the student's backbone and head (DDP's `module.`
+  prefix removed); its teacher is the student's copy at the start, as in every new DINO run.
+Pickles are read with torch's weights-only loader (argparse's Namespace, which MAE and DINO store as `args`, is the
+one class it admits): a file cannot run code here.
+
+The encoder is mapped onto the objective's (`map_encoder`): the patch size and width must match model.name (one
+line names the key and what the file holds); learned positions are resampled to this grid (bicubic) when the
+grid differs; a fixed sin-cos table is rebuilt for this grid when the file's is the same kind of table, and a file
+whose learned positions would be dropped is refused; k biases are dropped for BEiT-style blocks (CAE): the k bias
+adds the same amount to every key's logit of a query, so attention is unchanged. Parts the file holds for the
+objective (MAE's decoder, DINO's head) are loaded; what the objective has and the file lacks starts fresh; what the
+file has and the objective cannot use is ignored. Each of the three is said.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from largessl.errors import ConfigError
+
+KEY = "model.init_from"
+CLASSIFIER = ("head.", "fc_norm.", "head_drop.")  # timm's classifier parts: never the objective's
+UNSUPPORTED = {"reg_token": "register tokens", "dist_token": "a distillation token",
+               "blocks.0.ls1.gamma": "layer scale"}
+
+
+@dataclass
+class Imported:
+    """A file's tensors for an objective: `weights` (the objective's parameter names), and what was done."""
+
+    form: str
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # resampled, rebuilt, dropped: one phrase each
+    ignored: list[str] = field(default_factory=list)  # the file's names the objective cannot use
+
+    def report(self, path: str, fresh: list[str]) -> list[str]:
+        """The lines start-up prints: what was loaded, what starts fresh, what was ignored."""
+        lines = [f"{KEY}: {path} ({self.form}): {len(self.weights)} tensors loaded"
+                 + (f"; {'; '.join(self.notes)}" if self.notes else "")]
+        if fresh:
+            lines.append(f"{KEY}: starts fresh (the file has none): {summarize(fresh)}")
+        if self.ignored:
+            lines.append(f"{KEY}: ignored (nothing here uses them): {summarize(self.ignored)}")
+        return lines
+
+
+def summarize(names: list[str], shown: int = 6) -> str:
+    """Names grouped by their first two parts ('decoder.blocks' x 96), at most `shown` groups."""
+    groups: dict[str, int] = {}
+    for name in names:
+        stem = ".".join(part for part in name.split(".")[:2] if not part.isdigit())
+        groups[stem] = groups.get(stem, 0) + 1
+    parts = [stem if count == 1 else f"{stem} ({count} tensors)" for stem, count in groups.items()]
+    return ", ".join(parts[:shown]) + (f" and {len(parts) - shown} more" if len(parts) > shown else "")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read(path: Path) -> tuple[str, dict[str, Any]]:
+    """(what `path` holds, in words; its contents: tensors, or the dicts of a checkpoint)."""
+    if path.is_dir():
+        return read_directory(path)
+    if not path.is_file():
+        raise ConfigError(f"{KEY}: {path} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if is_safetensors(head):
+        return "safetensors", load_safetensors(path)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch file", load_pickle(path)
+    raise ConfigError(f"{KEY}: {path} is neither a safetensors file nor a torch checkpoint")
+
+
+def is_safetensors(head: bytes) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 * 2**20
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"{KEY}: {path} cannot be read as safetensors ({exc})") from None
+
+
+def load_pickle(path: Path) -> dict[str, Any]:
+    """A torch checkpoint through the weights-only loader (no code runs); Namespace (MAE's, DINO's `args`) admitted."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the loader's refusals and a damaged file alike: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{KEY}: {path} cannot be read as a weights-only torch checkpoint ({first[:200]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{KEY}: {path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def read_directory(path: Path) -> tuple[str, dict[str, Any]]:
+    """A saved model's directory: timm's (config.json with `architecture`) or transformers' (`model_type`: ViT,
+    ViT-MAE, DINOv2; its names turned into timm's, models/hf_format.py), with its weights file."""
+    config = read_config(path / "config.json")
+    weights = next((path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()),
+                   None)
+    if weights is None:
+        raise ConfigError(f"{KEY}: {path} holds no model.safetensors or pytorch_model.bin")
+    _, tensors = read(weights)
+    if "model_type" not in config:
+        return f"timm directory ({config.get('architecture', 'no architecture named')})", tensors
+    from largessl.models import hf_format
+
+    if config["model_type"] not in hf_format.MODEL_TYPES:
+        raise ConfigError(f"{KEY}: {path} is a transformers {config['model_type']} model; readable are "
+                          f"{', '.join(hf_format.MODEL_TYPES.values())}")
+    try:
+        encoder, others = hf_format.to_timm(tensors_of(tensors))
+    except ValueError as exc:
+        raise ConfigError(f"{KEY}: {path}: {exc}") from None
+    eps = config.get("layer_norm_eps", 1e-6)
+    form = (f"transformers {hf_format.MODEL_TYPES[config['model_type']]} directory"
+            + (f"; its layer norms' eps {eps:g}, this encoder's 1e-06" if eps != 1e-6 else ""))
+    return form, {**encoder, **{key: tensors[key] for key in others}}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A directory's config.json ({} when there is none); one line when it is not JSON."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{KEY}: {path} is not readable JSON ({exc})") from None
+    return config if isinstance(config, dict) else {}
+
+
+# ----------------------------------------------------------------------------- what the file holds
+
+
+def split_roles(form: str, contents: dict[str, Any]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """(the form in words, {role: tensors}) with roles `encoder` (timm's names), `mae_decoder` (MAE's names) and
+    `dino_head` (DINO's), and `other` for what none of them is."""
+    if isinstance(contents.get("student"), dict) and isinstance(contents.get("teacher"), dict):
+        form, flat = "DINO full checkpoint (its student)", tensors_of(contents["student"])
+    elif isinstance(contents.get("model"), dict):
+        flat = tensors_of(contents["model"])
+        form = "MAE checkpoint with its decoder" if any(k.startswith("decoder_") for k in flat) else "MAE checkpoint"
+    else:
+        flat = tensors_of(contents)
+        form = form if "directory" in form else f"{form} under timm's names"
+    flat = {key.removeprefix("module."): value for key, value in flat.items()}
+    roles: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "mae_decoder": {}, "dino_head": {}, "other": {}}
+    for key, value in flat.items():
+        if key.startswith("backbone."):
+            roles["encoder"][key.removeprefix("backbone.")] = value
+        elif key.startswith("head.") and "DINO" in form:
+            roles["dino_head"][key.removeprefix("head.")] = value
+        elif key.startswith(("decoder_", "mask_token")):
+            roles["mae_decoder"][key] = value
+        elif key.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "reg_token", "dist_token")):
+            roles["encoder"][key] = value
+        else:
+            roles["other"][key] = value
+    return form, roles
+
+
+def tensors_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict (a checkpoint's other entries, such as numbers, left out)."""
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+# ----------------------------------------------------------------------------- the encoder
+
+
+def describe(tensors: dict[str, torch.Tensor]) -> str:
+    """The ViT a timm-named state dict holds, in words ('width 768, depth 12, patch 16: model.name
+    vit_base_patch16')."""
+    from largessl.models.config import VIT_SIZES
+
+    proj = tensors.get("patch_embed.proj.weight")
+    if proj is None:
+        return "no patch_embed"
+    depth = len({key.split(".")[1] for key in tensors if key.startswith("blocks.")})
+    width, patch = proj.shape[0], proj.shape[-1]
+    sizes = [size for size, (dim, layers, _) in VIT_SIZES.items() if (dim, layers) == (width, depth)]
+    named = f": model.name vit_{sizes[0]}_patch{patch}" if sizes else ""
+    return f"width {width}, depth {depth}, patch {patch}{named}"
+
+
+def check_architecture(tensors: dict[str, torch.Tensor], encoder: nn.Module, model_name: str) -> None:
+    """The file's ViT must be model.name's: one line naming the key that differs and what the file holds."""
+    for feature, why in UNSUPPORTED.items():
+        if feature in tensors and (feature != "blocks.0.ls1.gamma" or not has_layer_scale(encoder)):
+            raise ConfigError(f"{KEY}: the file's encoder has {why} ({feature}), which this objective's has not")
+    ours = encoder.state_dict()
+    for key in ("patch_embed.proj.weight", "cls_token", "blocks.0.mlp.fc1.weight"):
+        if key not in tensors:
+            raise ConfigError(f"{KEY}: the file has no {key}: not a ViT under timm's names ({describe(tensors)})")
+        if tuple(tensors[key].shape) != tuple(ours[key].shape):
+            raise ConfigError(f"{KEY}: {key} has shape {tuple(tensors[key].shape)}, {model_name}'s is "
+                              f"{tuple(ours[key].shape)} (the file holds a ViT of {describe(tensors)})")
+    depth = len(encoder.blocks)
+    if f"blocks.{depth - 1}.norm1.weight" not in tensors or f"blocks.{depth}.norm1.weight" in tensors:
+        raise ConfigError(f"{KEY}: the file's encoder is not {depth} blocks deep like {model_name}'s "
+                          f"({describe(tensors)})")
+
+
+def has_layer_scale(encoder: nn.Module) -> bool:
+    return hasattr(encoder.blocks[0], "gamma_1")
+
+
+def map_encoder(tensors: dict[str, torch.Tensor], encoder: nn.Module, layout: dict[str, Any],
+                model_name: str) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The file's encoder (timm's names) as `encoder`'s parameters: (weights, notes, ignored names)."""
+    check_architecture(tensors, encoder, model_name)
+    tensors, ignored = dict(tensors), []
+    notes = positions(tensors, encoder, layout)
+    if has_layer_scale(encoder):
+        notes += beit_blocks(tensors, encoder)
+    if "norm.weight" in tensors and isinstance(encoder.norm, nn.Identity):
+        notes.append("the file's final norm is not used (this objective's encoder has none)")
+    params = dict(encoder.named_parameters())
+    ignored += sorted(set(tensors) - set(params))  # a classifier, or the final norm above
+    return {key: value for key, value in tensors.items() if key in params}, notes, ignored
+
+
+def positions(tensors: dict[str, torch.Tensor], encoder: nn.Module, layout: dict[str, Any]) -> list[str]:
+    """The file's position table for this encoder: learned ones resampled to this grid; a fixed sin-cos table,
+    rebuilt by the encoder itself, must be of the encoder's kind. Notes what was done."""
+    from largessl.models.pos_embed import sincos_2d
+
+    table = tensors.pop("pos_embed", None)
+    if table is None:
+        raise ConfigError(f"{KEY}: the file has no pos_embed")
+    grid = round((table.shape[1] - 1) ** 0.5)
+    if (grid * grid + 1) != table.shape[1]:
+        raise ConfigError(f"{KEY}: pos_embed has {table.shape[1]} rows, not [cls] and a square grid")
+    if not isinstance(encoder.pos_embed, nn.Parameter):
+        fixed = sincos_2d(table.shape[-1], grid, rows_first=layout.get("pos_embed") == "sincos_rows_first")[None]
+        if not torch.allclose(table.float(), fixed, atol=1e-4):
+            raise ConfigError(f"{KEY}: the file's pos_embed is not this objective's fixed sin-cos table (learned, or "
+                              "another layout): its encoder would lose the file's positions")
+        return [] if grid == encoder.grid_size else [f"sin-cos positions rebuilt for {encoder.grid_size}x"
+                                                     f"{encoder.grid_size} patches (the file's: {grid}x{grid})"]
+    if grid == encoder.grid_size:
+        tensors["pos_embed"] = table
+        return []
+    from timm.layers import resample_abs_pos_embed
+
+    tensors["pos_embed"] = resample_abs_pos_embed(table.float(), new_size=[encoder.grid_size] * 2,
+                                                  old_size=[grid, grid], num_prefix_tokens=1,
+                                                  interpolation="bicubic", antialias=False)
+    return [f"positions resampled from {grid}x{grid} to {encoder.grid_size}x{encoder.grid_size} patches (bicubic)"]
+
+
+def beit_blocks(tensors: dict[str, torch.Tensor], encoder: nn.Module) -> list[str]:
+    """timm's blocks as BEiT's (CAE): layer scales renamed (or 1 where the file has none: the same function), the
+    fused qkv bias split into q and v biases, the k bias dropped (it moves every key's logit of a query alike)."""
+    notes = []
+    for index in range(len(encoder.blocks)):
+        prefix = f"blocks.{index}."
+        dim = encoder.dim
+        for ours, theirs in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
+            tensors[prefix + ours] = tensors.pop(prefix + theirs, None)
+            if tensors[prefix + ours] is None:
+                tensors[prefix + ours] = torch.ones(dim)
+                notes.append("layer scales set to 1 (the file's blocks have none: the same function)")
+        bias = tensors.pop(prefix + "attn.qkv.bias", torch.zeros(3 * dim))
+        q_bias, k_bias, v_bias = bias.chunk(3)
+        tensors[prefix + "attn.q_bias"], tensors[prefix + "attn.v_bias"] = q_bias, v_bias
+        if k_bias.any():
+            notes.append("k biases dropped (BEiT-style blocks have none; attention does not change)")
+    return sorted(set(notes))
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def mae_decoder_name(key: str) -> str:
+    """MAE's decoder names as ours: decoder_embed -> decoder.embed, decoder_blocks -> decoder.blocks, ..."""
+    return "decoder." + (key if key == "mask_token" else key.removeprefix("decoder_"))
+
+
+PARTS = {  # role -> (objective, how the file's names become the objective's, what they are)
+    "mae_decoder": ("mae", mae_decoder_name, "MAE's decoder"),
+    "dino_head": ("dino", lambda key: f"student.head.{key}", "DINO's head"),
+}
+
+
+def map_parts(roles: dict[str, dict[str, torch.Tensor]], objective: nn.Module, name: str,
+              imported: Imported) -> None:
+    """The file's heads and decoders that fit the objective, into `imported` (a shape that differs is one line);
+    those of another method, and anything else, are ignored."""
+    params = dict(objective.named_parameters())
+    for role, (method, rename, what) in PARTS.items():
+        for key, value in roles[role].items():
+            ours = rename(key)
+            if method != name or ours not in params:
+                imported.ignored.append(key)
+                continue
+            if tuple(value.shape) != tuple(params[ours].shape):
+                raise ConfigError(f"{KEY}: {what}'s {key} has shape {tuple(value.shape)}, this run's is "
+                                  f"{tuple(params[ours].shape)} (set the objective's sizes to the file's)")
+            imported.weights[ours] = value
+    imported.ignored += list(roles["other"])
+    fixed_head_norm(roles["dino_head"], params, imported)
+
+
+def fixed_head_norm(head: dict[str, torch.Tensor], params: dict[str, nn.Parameter], imported: Imported) -> None:
+    """DINO's last layer: a file's weight_g, learned, has no place in a head with a fixed norm (norm_last_layer)
+    unless it is 1 everywhere, the value the fixed norm stands for."""
+    norm = head.get("last_layer.weight_g")
+    if norm is None or "student.head.last_layer.weight_g" in params:
+        return
+    if not torch.allclose(norm.float(), torch.ones_like(norm, dtype=torch.float32)):
+        raise ConfigError(f"{KEY}: DINO's head in the file learned its last layer's norm (last_layer.weight_g); "
+                          "set objective.norm_last_layer=false to load it")
+    imported.ignored.remove("last_layer.weight_g")
+    imported.notes.append("the head's last-layer norm is 1, as this run's fixed norm")
+
+
+def prefix_of(objective: nn.Module) -> str:
+    """The objective's name for its encoder's parameters ('encoder.', DINO's 'student.backbone.')."""
+    names = {id(param): name for name, param in objective.named_parameters()}
+    return names[id(objective.trained_encoder().cls_token)].removesuffix("cls_token")
+
+
+def import_file(path: Path, objective: nn.Module, cfg: Any) -> Imported:
+    """`path`'s tensors as `objective`'s parameters (see the module docstring)."""
+    form, roles = split_roles(*read(path))
+    layout = type(objective).encoder_layout(cfg.objective)
+    encoder, notes, ignored = map_encoder(roles["encoder"], objective.trained_encoder(), layout, cfg.model.name)
+    prefix = prefix_of(objective)
+    imported = Imported(form, {prefix + key: value for key, value in encoder.items()}, notes, ignored)
+    map_parts(roles, objective, cfg.objective.name, imported)
+    return imported
+
+
+def fresh(objective: nn.Module, imported: Imported) -> list[str]:
+    """The objective's parameters the file did not give, less those an EMA teacher copies from the student."""
+    followers = {teacher for teacher, _ in objective.teacher_pairs()}
+    return [name for name, _ in objective.named_parameters() if name not in imported.weights and name not in followers]
+
+
+def load_initial(objective: nn.Module, cfg: Any, resuming: bool) -> list[str]:
+    """Load what a new run starts from into `objective`, before DeepSpeed takes it: an evaluation's pretrained
+    encoder, or model.init_from's file (not read when the run resumes: its checkpoint has the weights, and a
+    requeued job must not need the file). Returns the lines to say."""
+    from largessl.distributed.engine import load_weights
+
+    weights = objective.initial_weights()
+    if weights:
+        return [f"initial weights: {load_weights(objective, weights)} tensors from {cfg.objective.checkpoint}"]
+    if not cfg.model.init_from:
+        return []
+    if resuming:
+        return [f"{KEY}: not read (the run resumes from its checkpoint)"]
+    imported = import_file(Path(cfg.model.init_from), objective, cfg)
+    load_weights(objective, imported.weights)
+    lines = imported.report(cfg.model.init_from, fresh(objective, imported))
+    if objective.teacher_pairs():
+        lines.append(f"{KEY}: the teacher starts as the student's copy, as in every new run")
+    return lines
