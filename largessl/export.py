@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from largessl.files import UMASK, write_atomic
 if TYPE_CHECKING:
     import torch
 
-FORMATS = ("safetensors", "timm")
+FORMATS = ("safetensors", "timm", "hf")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -40,10 +41,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--step", type=int, metavar="N", help="the checkpoint of step N (default: the newest complete)")
     export.add_argument("--format", choices=FORMATS, default="safetensors",
                         help="safetensors: FILE + FILE.json with the create_model arguments; timm: a directory for "
-                             "timm.create_model('local-dir:DIR', pretrained=True)")
+                             "timm.create_model('local-dir:DIR', pretrained=True); hf: a directory for "
+                             "transformers.AutoModel.from_pretrained(DIR) (MAE, DINO: ViTModel; CAE: Dinov2Model; "
+                             "needs transformers)")
     export.add_argument("--out", type=Path, metavar="PATH",
-                        help="the file (safetensors) or directory (timm) to write (default: RUN_DIR/export/"
-                             "step_NNNNNNNN.safetensors, or step_NNNNNNNN_timm/)")
+                        help="the file (safetensors) or directory (timm, hf) to write (default: RUN_DIR/export/"
+                             "step_NNNNNNNN.safetensors, step_NNNNNNNN_timm/ or step_NNNNNNNN_hf/)")
 
 
 def main(argv: list[str]) -> int:
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     """Export, say where, log to MLflow, print the loading line last. Errors the user can fix are UserErrors."""
     if args.out is not None:
         check_out(args.out, args.format, "--out")
+    if args.format == "hf":
+        check_hf_possible(args.run_dir)
     from largessl.checkpoint import checkpoint_of
 
     checkpoint_of(args.run_dir, args.step, arg="export")  # a wrong path or step is said before torch loads
@@ -84,8 +89,11 @@ def run(args: argparse.Namespace) -> int:
 
     info = {"run": cfg.run.name, "run_dir": str(args.run_dir.resolve()), "checkpoint": str(tag_dir.resolve()),
             "step": step, "method": method, "encoder": role, "git_commit": git_commit()}
-    written, usage = write_export(out, args.format, state, name, kwargs, info, cfg.model.image_size,
-                                  evaluation_metadata(args.run_dir, cfg, states))
+    if args.format == "hf":
+        written, usage = write_hf(out, encoder, cfg, state, info)
+    else:
+        written, usage = write_export(out, args.format, state, name, kwargs, info, cfg.model.image_size,
+                                      evaluation_metadata(args.run_dir, cfg, states))
     run_id = log_to_run(states, cfg, args.run_dir, written)
     if run_id:
         print(f"logged {', '.join(p.name for p in written)} to MLflow run {run_id} under export/")
@@ -110,7 +118,7 @@ def encoder_role(method: str) -> str:
 
 def default_out(run_dir: Path, step: int, fmt: str) -> Path:
     stem = f"step_{step:08d}"
-    return run_dir / "export" / (f"{stem}.safetensors" if fmt == "safetensors" else f"{stem}_timm")
+    return run_dir / "export" / (f"{stem}.safetensors" if fmt == "safetensors" else f"{stem}_{fmt}")
 
 
 def check_out(out: Path, fmt: str, what: str) -> None:
@@ -119,8 +127,8 @@ def check_out(out: Path, fmt: str, what: str) -> None:
     if fmt == "safetensors" and (out.is_dir() or out.suffix == ".json"):
         raise UserError(f"{what}: {out} is a directory or ends in .json (--format safetensors writes FILE and "
                         "FILE's .json beside it)")
-    if fmt == "timm" and out.exists() and not out.is_dir():
-        raise UserError(f"{what}: {out} is a file (--format timm writes a directory)")
+    if fmt != "safetensors" and out.exists() and not out.is_dir():
+        raise UserError(f"{what}: {out} is a file (--format {fmt} writes a directory)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -164,6 +172,55 @@ def write_export(out: Path, fmt: str, state: dict[str, torch.Tensor], name: str,
     return [out, sidecar], usage
 
 
+def check_hf_possible(run_dir: Path) -> None:
+    """--format hf, before torch loads: transformers is installed and the run's method has a transformers class."""
+    import importlib.util
+
+    from largessl.eval.source import run_config
+    from largessl.models.hf_format import NO_COUNTERPART
+
+    method = run_config(run_dir, "export").objective.name
+    if method in NO_COUNTERPART:
+        raise UserError(f"export: --format hf: {NO_COUNTERPART[method]}")
+    if importlib.util.find_spec("transformers") is None:
+        raise UserError("export: --format hf needs transformers (pip install 'largessl[hf]')")
+
+
+def write_hf(out: Path, encoder: Any, cfg: Any, state: dict[str, torch.Tensor],
+             info: dict[str, Any]) -> tuple[list[Path], str]:
+    """The transformers directory (models/hf_format.py): config.json, model.safetensors (transformers 4's names,
+    which 5 reads too), preprocessor_config.json; loaded by AutoModel and its features compared with ours in the
+    temporary directory, before it takes `out`'s name."""
+    from largessl.models import hf_format
+    from largessl.models.timm_format import FEATURE_ATOL
+
+    kind = hf_format.HF_KIND[cfg.objective.name]
+    config = {**hf_format.hf_config(kind, cfg.model.dims, cfg.model.image_size, cfg.model.patch_size),
+              "largessl": info}
+    blob = safetensors_bytes(hf_format.from_timm(state, kind), {"format": "pt"})
+    files = {"model.safetensors": blob, "config.json": json.dumps(config, indent=2) + "\n",
+             "preprocessor_config.json": json.dumps(image_processor(cfg.model.image_size), indent=2) + "\n"}
+    diffs: list[float] = []
+    write_dir_atomic(out, files, lambda tmp: diffs.append(
+        hf_format.check_directory(tmp, encoder, cfg.model.image_size, FEATURE_ATOL)))
+    name = config["architectures"][0]
+    print(f"transformers {name}: loads with no key missing or left over, features within {diffs[0]:.1e} of ours",
+          flush=True)
+    report(out / "model.safetensors", len(blob), "config.json and preprocessor_config.json beside it")
+    return [out], f"transformers.AutoModel.from_pretrained({str(out.resolve())!r})"
+
+
+def image_processor(image_size: int) -> dict[str, Any]:
+    """preprocessor_config.json for transformers' ViTImageProcessor: our evaluation view's size and ImageNet's
+    mean and std, bicubic (its resize is to the square, without timm's 256/224 crop)."""
+    from largessl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+            "size": {"height": image_size, "width": image_size}, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(IMAGENET_MEAN),
+            "image_std": list(IMAGENET_STD)}
+
+
 def preprocessing(image_size: int) -> dict[str, Any]:
     """timm's data config for our evaluation view (EvalTransform): bicubic resize by 256/224, centre crop."""
     from largessl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -188,13 +245,15 @@ def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) 
     return save(state, metadata=metadata)
 
 
-def write_dir_atomic(out: Path, files: dict[str, str | bytes]) -> None:
-    """Write `files` into a temporary directory beside `out`, then rename it to `out` (an older one is replaced
-    after the new one is whole)."""
+def write_dir_atomic(out: Path, files: dict[str, str | bytes], check: Callable[[Path], None] | None = None) -> None:
+    """Write `files` into a temporary directory beside `out`, `check` it there, then rename it to `out` (an older
+    one is replaced after the new one is whole)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         for name, data in files.items():
             write_atomic(tmp / name, data)
+        if check is not None:
+            check(tmp)
         os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp's directories are private
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():

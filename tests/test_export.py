@@ -258,3 +258,65 @@ def test_bad_inputs_end_with_one_line_and_exit_code_2(exported: Callable, mini_s
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("largessl: error: ") and said in err[0], (argv, err)
     assert sorted(p.name for p in (run.run_dir / "export").iterdir()) == before  # nothing written
+
+
+HF_COMBOS = [("mae", 0), ("dino", 3), ("cae", 3)]  # the runs the default suite trains anyway
+HF_CLASS = {"mae": "ViTModel", "dino": "ViTModel", "cae": "Dinov2Model"}
+
+
+@pytest.mark.parametrize("method,stage", HF_COMBOS)
+def test_hf_export_loads_with_automodel_and_gives_our_features(exported: Callable, method: str, stage: int,
+                                                              tmp_path: Path) -> None:
+    import transformers
+
+    run = exported(method, stage)
+    stdout = export_here([str(run.run_dir), "--format", "hf", "--out", str(tmp_path / "hf")])
+    usage = stdout.strip().splitlines()[-1]
+    assert usage == f"transformers.AutoModel.from_pretrained({str((tmp_path / 'hf').resolve())!r})"
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"]
+    model, info = transformers.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(model).__name__ == HF_CLASS[method]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    encoder, cfg, _, _ = load_encoder(run.run_dir, None)
+    batch = images(cfg.model.image_size)
+    with torch.no_grad():
+        theirs, ours = model.eval()(pixel_values=batch).last_hidden_state, encoder.eval()(batch)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)  # every token, after the final norm
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.size == {"height": cfg.model.image_size, "width": cfg.model.image_size}
+
+
+@pytest.mark.parametrize("method,stage", HF_COMBOS)
+def test_an_export_read_back_by_init_from_is_the_encoder_bit_for_bit(exported: Callable, method: str, stage: int,
+                                                                    tmp_path: Path) -> None:
+    """Export (safetensors, timm directory, transformers directory), then model.init_from: the trained encoder of
+    a new run equals the exported one bit for bit (DINO: the teacher's, which the new run's teacher copies)."""
+    from largessl.objectives import objective_class
+    from largessl.weight_import import load_initial
+
+    run = exported(method, stage)
+    export_here([str(run.run_dir), "--format", "hf", "--out", str(tmp_path / "hf"), "--step", "1"])
+    encoder, cfg, _, _ = load_encoder(run.run_dir, 1)
+    exported_state = {name: value.detach() for name, value in encoder.named_parameters()}
+    for source in (run.run_dir / "export" / "step_00000001_timm", tmp_path / "hf"):
+        torch.manual_seed(5)
+        objective = objective_class(method)(cfg.objective, cfg.model)
+        cfg.model.init_from = str(source)
+        load_initial(objective, cfg, resuming=False)
+        started = dict(objective.trained_encoder().named_parameters())
+        assert started.keys() == exported_state.keys()
+        assert all(torch.equal(started[name], value) for name, value in exported_state.items()), source
+
+
+def test_hf_export_of_a_method_without_a_transformers_class_ends_in_one_line(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    from largessl.config.load import dump_config, load_config
+
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "sim" / "config.yaml").write_text(dump_config(load_config("debug/sim_vit_tiny", [])))
+    assert export_main([str(tmp_path / "sim"), "--format", "hf"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == ("largessl: error: export: --format hf: SIM's encoder has no final norm, and transformers' ViT and "
+                   "DINOv2 models always end in one: export it with --format timm (timm builds it with "
+                   "final_norm=False)")

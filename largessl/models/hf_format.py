@@ -16,6 +16,7 @@ A task model's backbone prefix (`vit.`, `dinov2.`) is removed first.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -71,3 +72,78 @@ def in_layer(rest: str) -> tuple[str, int | None] | None:
     if module in IN_LAYER:
         return f"{IN_LAYER[module]}.{'gamma' if leaf == 'lambda1' else leaf}", None
     return None
+
+
+# ----------------------------------------------------------------------------- writing (largessl export --format hf)
+
+# transformers' class for each method's encoder: ViT for a plain one; DINOv2's for CAE's, whose blocks have layer
+# scale. SIM's encoder has no final norm, and both classes end in one: it has no counterpart.
+HF_KIND = {"mae": "vit", "dino": "vit", "cae": "dinov2"}
+NO_COUNTERPART = {"sim": "SIM's encoder has no final norm, and transformers' ViT and DINOv2 models always end in "
+                         "one: export it with --format timm (timm builds it with final_norm=False)"}
+FROM_TIMM = {"vit": {"norm1": "layernorm_before", "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense",
+                     "mlp.fc2": "output.dense"},
+             "dinov2": {"norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+                        "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}}
+BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$")
+
+
+def from_timm(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """timm's names -> transformers 4's (which transformers 5 reads too) for `kind` ('vit', 'dinov2'); the fused
+    qkv split into query, key and value. ViTModel always has a pooler (dense + tanh on the [cls] output), which no
+    method trains: identity weights, so pooler_output is tanh of the [cls] feature; DINOv2's mask token (used only
+    for masked inputs) is zeros."""
+    inverse = {timm: hf for hf, timm in EMBEDDINGS.items()}
+    out = {inverse[key]: value for key, value in state.items() if key in inverse}
+    for key, value in state.items():
+        found = BLOCK.match(key)
+        if not found:
+            continue
+        index, module, leaf = found.groups()
+        prefix = f"encoder.layer.{index}."
+        if module == "attn.qkv":
+            for name, part in zip(("query", "key", "value"), value.chunk(3), strict=True):
+                out[f"{prefix}attention.attention.{name}.{leaf}"] = part.contiguous()
+        elif module == "attn.proj":
+            out[f"{prefix}attention.output.dense.{leaf}"] = value
+        else:
+            name = FROM_TIMM[kind][f"{module}.{leaf}" if leaf == "gamma" else module]
+            out[prefix + (name if leaf == "gamma" else f"{name}.{leaf}")] = value
+    dim = state["cls_token"].shape[-1]
+    if kind == "vit":
+        out["pooler.dense.weight"], out["pooler.dense.bias"] = torch.eye(dim), torch.zeros(dim)
+    else:
+        out["embeddings.mask_token"] = torch.zeros(1, dim)
+    return out
+
+
+def hf_config(kind: str, dims: tuple[int, int, int], image_size: int, patch_size: int) -> dict[str, Any]:
+    """config.json of `kind` for our encoder: timm's layer-norm eps (1e-6), exact GELU, biases on q, k, v."""
+    dim, depth, heads = dims
+    shared = {"hidden_size": dim, "num_hidden_layers": depth, "num_attention_heads": heads,
+              "image_size": image_size, "patch_size": patch_size, "num_channels": 3, "qkv_bias": True,
+              "layer_norm_eps": 1e-6, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0}
+    if kind == "vit":
+        return {"model_type": "vit", "architectures": ["ViTModel"], **shared, "intermediate_size": 4 * dim,
+                "pooler_output_size": dim, "pooler_act": "tanh"}
+    return {"model_type": "dinov2", "architectures": ["Dinov2Model"], **shared, "mlp_ratio": 4,
+            "layerscale_value": 1.0, "use_swiglu_ffn": False, "drop_path_rate": 0.0}
+
+
+def check_directory(directory: Any, encoder: Any, image_size: int, atol: float) -> float:
+    """Load `directory` with transformers' AutoModel: no key missing, left over or of another shape, and its
+    last_hidden_state within `atol` of our encoder's tokens (fp32, two random images); returns the difference.
+    A converter bug raises."""
+    from transformers import AutoModel
+
+    model, info = AutoModel.from_pretrained(str(directory), output_loading_info=True)
+    problems = {key: sorted(value) for key, value in info.items() if value and key != "error_msgs"}
+    if problems or info.get("error_msgs"):
+        raise RuntimeError(f"transformers loads the export with {problems or info['error_msgs']} (a converter bug)")
+    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model.eval()(pixel_values=images).last_hidden_state - encoder.eval()(images)).abs().max().item()
+    if not diff <= atol:
+        raise RuntimeError(f"transformers' features differ from the encoder's by {diff:.3g} (a converter bug)")
+    return diff
