@@ -1,5 +1,6 @@
 """Schedules stated in epochs: `trainer.epochs` for `trainer.max_steps`, `optim.warmup_epochs` for
-`optim.warmup_steps`, and the objective's own pairs (DINO's teacher-temperature warmup and last-layer freeze).
+`optim.warmup_steps`, `model.freeze_encoder_epochs` for `model.freeze_encoder_steps`, and the objective's own pairs
+(DINO's teacher-temperature warmup and last-layer freeze).
 
 A config sets exactly one key of each pair. The step counts are resolved when a run starts, with floor(epoch samples /
 global batch) optimizer steps per epoch (the official MAE, DINO and CAE loops drop the last incomplete batch of each
@@ -22,6 +23,7 @@ PAIRS = (
     ("optim", "warmup_epochs", "warmup_steps"),
     ("objective", "warmup_teacher_temp_epochs", "warmup_teacher_temp_steps"),
     ("objective", "freeze_last_layer_epochs", "freeze_last_layer_steps"),
+    ("model", "freeze_encoder_epochs", "freeze_encoder_steps"),
 )
 
 

@@ -38,7 +38,7 @@ from largessl.stopping import closing, hand_over, start_watchdog, stop_point
 from largessl.tracking import NullTracker, browse_hint, check_store
 from largessl.tracking.training import start_training_run
 from largessl.tracking.usage import Usage
-from largessl.weight_import import load_initial
+from largessl.weight_import import encoder_freeze, load_initial
 
 
 class Trainer:
@@ -101,8 +101,8 @@ class Trainer:
             self.note(f"model.compile: {compile_blocks(objective)} transformer blocks compiled on first use")
         for line in load_initial(objective, cfg, resuming=bool(checkpoint.newest_complete(self.ckpt_dir))):
             self.note(line)  # an evaluation's pretrained encoder, or model.init_from
-        self.engine = Engine(objective, build_param_groups(objective, cfg.optim), self.ds_config,
-                             betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device,
+        self.engine = Engine(objective, build_param_groups(objective, cfg.optim, encoder_freeze(objective, cfg.model)),
+                             self.ds_config, betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.env.device,
                              make_optimizer=partial(make_optimizer, cfg=cfg.optim))
         self.note(self.engine.describe(cfg, self.accumulation, self.env.world_size))
         self.teacher = EMATeacher.of(self.engine)

@@ -381,3 +381,9 @@ def load_initial(objective: nn.Module, cfg: Any, resuming: bool) -> list[str]:
     if objective.teacher_pairs():
         lines.append(f"{KEY}: the teacher starts as the student's copy, as in every new run")
     return lines
+
+
+def encoder_freeze(objective: nn.Module, model_cfg: Any) -> dict[str, int]:
+    """model.freeze_encoder_steps as a frozen-at-start prefix: the objective's name for its trained encoder."""
+    steps = model_cfg.freeze_encoder_steps or 0
+    return {prefix_of(objective): steps} if steps > 0 else {}

@@ -314,3 +314,39 @@ def test_dinov2_names_map_onto_timms_dinov2_and_are_refused_where_layer_scale_ha
     objective, cfg = objective_for("dino_vit_tiny")
     with pytest.raises(ConfigError, match="the file's encoder has layer scale"):
         import_file(directory, objective, cfg)
+
+
+def test_a_frozen_encoder_keeps_the_files_weights_while_the_fresh_decoder_learns(mini_shards: Path,
+                                                                                 tmp_path: Path) -> None:
+    """model.freeze_encoder_steps=2: after two optimizer steps the encoder is the file's, bit for bit, while MAE's
+    fresh decoder has moved; the third step trains the encoder too."""
+    from largessl.eval.standalone import load_encoder
+
+    source, _ = objective_for("mae_vit_tiny")
+    save_file(timm_state_dict(source.trained_encoder()), tmp_path / "mae.safetensors")
+    done = run_largessl(["pretrain", "--config", "debug/mae_vit_tiny", f"data.train={mini_shards}", "run.name=frozen",
+                         "tracking.enabled=false", "data.micro_batch_size=4", "optim.global_batch_size=4",
+                         "trainer.log_every=1", "trainer.ckpt_every=1", "trainer.keep_last=3", "trainer.max_steps=3",
+                         "optim.warmup_steps=0",
+                         f"model.init_from={tmp_path / 'mae.safetensors'}", "model.freeze_encoder_steps=2"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step 2: parameter group decay:encoder. starts training" in done.stdout
+    file = dict(source.trained_encoder().named_parameters())
+    run = tmp_path / "runs" / "frozen"
+    at = {step: dict(load_encoder(run, step)[0].named_parameters()) for step in (2, 3)}
+    assert all(torch.equal(at[2][name], value) for name, value in file.items())
+    assert not torch.equal(at[3]["blocks.0.attn.qkv.weight"], file["blocks.0.attn.qkv.weight"])
+    from largessl.distributed.engine import read_checkpoint
+
+    decoder = {step: read_checkpoint(run / "checkpoints" / f"step_{step:08d}")[0]["decoder.pred.weight"]
+               for step in (1, 2)}
+    assert not torch.equal(decoder[1], decoder[2])  # the decoder learned meanwhile
+
+
+@pytest.mark.parametrize(("overrides", "said"), [
+    (["model.freeze_encoder_steps=5"], "model.freeze_encoder_steps: keeps an encoder loaded by model.init_from"),
+    (["model.init_from=x.pth", "model.freeze_encoder_steps=-1"], "model.freeze_encoder_steps: must be >= 0"),
+])
+def test_a_freeze_without_weights_to_keep_is_refused(overrides: list[str], said: str) -> None:
+    with pytest.raises(ConfigError, match=said):
+        load_config("debug/mae_vit_tiny", overrides)

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from largessl.config.loader import require
+from largessl.epochs import check_pair
 
 # name -> (width, depth, heads); MLP ratio 4 for all (methods.md 1.1, plus timm's ViT-Tiny for tests).
 VIT_SIZES = {
@@ -36,6 +37,11 @@ class ModelConfig:
     MAE checkpoint (with its decoder, if it has one) or a DINO checkpoint (its student's backbone and head). What
     the file lacks starts fresh, what this run cannot use is ignored; start-up says which. Not read when the run
     resumes from its own checkpoint."""
+    freeze_encoder_steps: int | None = 0
+    """With init_from: the encoder keeps the loaded weights (lr and weight decay 0) for the first N optimizer
+    steps while the fresh parts (a decoder, a head) learn; then it trains too, with a fresh AdamW state, under
+    the same schedule. Or freeze_encoder_epochs."""
+    freeze_encoder_epochs: float | None = None
     compile: bool = False
     """torch.compile each transformer block (inductor; the first steps pay the compilation, about a minute; ZeRO
     0-2). Off until a GPU measurement says it helps (benchmarks/gpu_checks.sh times both)."""
@@ -52,6 +58,12 @@ class ModelConfig:
         require(self.image_size % patch == 0, f"{prefix}.image_size",
                 f"{self.image_size} is not a multiple of the patch size {patch}")
         require(0.0 <= self.drop_path_rate < 1.0, f"{prefix}.drop_path_rate", "must be in [0, 1)")
+        check_pair(self, prefix, "freeze_encoder_epochs", "freeze_encoder_steps")
+        require(self.freeze_encoder_steps is None or self.freeze_encoder_steps >= 0, f"{prefix}.freeze_encoder_steps",
+                "must be >= 0")
+        require(bool(self.init_from) or not (self.freeze_encoder_steps or self.freeze_encoder_epochs),
+                f"{prefix}.freeze_encoder_steps", "keeps an encoder loaded by model.init_from; set model.init_from "
+                "(a random encoder has nothing to keep)")
 
     @property
     def patch_size(self) -> int:

@@ -26,12 +26,14 @@ def is_decayed(name: str, param: torch.Tensor, exempt: set[str], wd_on_tokens: b
     return True
 
 
-def build_param_groups(module: Objective, cfg: OptimConfig) -> list[dict]:
-    """Decayed and exempt parameters, each split again by the objective's frozen-at-start prefixes (a group
-    per prefix, so its lr, weight decay and optimizer state can be handled on their own) and, with
-    optim.layer_decay < 1, by layer (methods.md 1.6: `lr_scale` = layer_decay^(top - layer id))."""
+def build_param_groups(module: Objective, cfg: OptimConfig, also_frozen: dict[str, int] | None = None) -> list[dict]:
+    """Decayed and exempt parameters, each split again by the objective's frozen-at-start prefixes and
+    `also_frozen`'s (model.freeze_encoder_steps: a group per prefix, so its lr, weight decay and optimizer state can
+    be handled on their own) and, with optim.layer_decay < 1, by layer (methods.md 1.6: `lr_scale` =
+    layer_decay^(top - layer id))."""
     exempt = module.no_weight_decay()
-    frozen = {prefix: steps for prefix, steps in module.frozen_at_start().items() if steps > 0}
+    frozen = {prefix: steps for prefix, steps in {**module.frozen_at_start(), **(also_frozen or {})}.items()
+              if steps > 0}
     layers = module.layer_ids() if cfg.layer_decay < 1 else {}
     top = max(layers.values(), default=0)
     groups: dict[tuple[bool, str, int], dict] = {}
