@@ -9,7 +9,8 @@ What a file is comes from its contents, never from its name:
 - MAE's checkpoints, `{"model": ...}`: the encoder alone (`mae_pretrain_vit_base.pth`) or with its decoder (the
   `_full` files: mask_token, decoder_embed, decoder_pos_embed, decoder_blocks, decoder_norm, decoder_pred);
 - DINO's full checkpoints, `{"student": ..., "teacher": ...}`: the student's backbone and head (DDP's `module.`
-  prefix removed); its teacher is the student's copy at the start, as in every new DINO run.
+  prefix removed), and the teacher's as the run's teacher (EMATeacher.initialize starts its fp32 state from them);
+  elsewhere the teacher is the student's copy at the start, as in every new run.
 Pickles are read with torch's weights-only loader (argparse's Namespace, which MAE and DINO store as `args`, is the
 one class it admits): a file cannot run code here.
 
@@ -49,6 +50,7 @@ class Imported:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # resampled, rebuilt, dropped: one phrase each
     ignored: list[str] = field(default_factory=list)  # the file's names the objective cannot use
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # the file's teacher, as the objective's
 
     def report(self, path: str, fresh: list[str]) -> list[str]:
         """The lines start-up prints: what was loaded, what starts fresh, what was ignored."""
@@ -157,23 +159,35 @@ def read_config(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- what the file holds
 
 
-def split_roles(form: str, contents: dict[str, Any]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
-    """(the form in words, {role: tensors}) with roles `encoder` (timm's names), `mae_decoder` (MAE's names) and
-    `dino_head` (DINO's), and `other` for what none of them is."""
+def split_roles(form: str, contents: dict[str, Any]) -> tuple[str, Roles, Roles | None]:
+    """(the form in words, the roles of the trained side, those of a teacher the file holds, or None); see
+    `roles_of`."""
+    teacher = None
     if isinstance(contents.get("student"), dict) and isinstance(contents.get("teacher"), dict):
-        form, flat = "DINO full checkpoint (its student)", tensors_of(contents["student"])
+        form, flat = "DINO full checkpoint", tensors_of(contents["student"])
+        teacher = roles_of(tensors_of(contents["teacher"]), dino=True)
     elif isinstance(contents.get("model"), dict):
         flat = tensors_of(contents["model"])
         form = "MAE checkpoint with its decoder" if any(k.startswith("decoder_") for k in flat) else "MAE checkpoint"
     else:
         flat = tensors_of(contents)
         form = form if "directory" in form else f"{form} under timm's names"
-    flat = {key.removeprefix("module."): value for key, value in flat.items()}
-    roles: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "mae_decoder": {}, "dino_head": {}, "other": {}}
+    return form, roles_of(flat, dino="DINO" in form), teacher
+
+
+Roles = dict[str, dict[str, torch.Tensor]]
+
+
+def roles_of(flat: dict[str, torch.Tensor], dino: bool) -> Roles:
+    """{role: tensors}: `encoder` (timm's names), `mae_decoder` (MAE's names), `dino_head` (DINO's; `dino`: the
+    file is DINO's, whose `head.` is its projection head, not a classifier), and `other` for what none of them is.
+    DDP's `module.` prefix is removed first."""
+    roles: Roles = {"encoder": {}, "mae_decoder": {}, "dino_head": {}, "other": {}}
     for key, value in flat.items():
+        key = key.removeprefix("module.")
         if key.startswith("backbone."):
             roles["encoder"][key.removeprefix("backbone.")] = value
-        elif key.startswith("head.") and "DINO" in form:
+        elif key.startswith("head.") and dino:
             roles["dino_head"][key.removeprefix("head.")] = value
         elif key.startswith(("decoder_", "mask_token")):
             roles["mae_decoder"][key] = value
@@ -181,7 +195,7 @@ def split_roles(form: str, contents: dict[str, Any]) -> tuple[str, dict[str, dic
             roles["encoder"][key] = value
         else:
             roles["other"][key] = value
-    return form, roles
+    return roles
 
 
 def tensors_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -212,17 +226,22 @@ def check_architecture(tensors: dict[str, torch.Tensor], encoder: nn.Module, mod
     for feature, why in UNSUPPORTED.items():
         if feature in tensors and (feature != "blocks.0.ls1.gamma" or not has_layer_scale(encoder)):
             raise ConfigError(f"{KEY}: the file's encoder has {why} ({feature}), which this objective's has not")
-    ours = encoder.state_dict()
+    ours = dict(encoder.named_parameters())
     for key in ("patch_embed.proj.weight", "cls_token", "blocks.0.mlp.fc1.weight"):
         if key not in tensors:
             raise ConfigError(f"{KEY}: the file has no {key}: not a ViT under timm's names ({describe(tensors)})")
-        if tuple(tensors[key].shape) != tuple(ours[key].shape):
+        if tuple(tensors[key].shape) != shape_of(ours[key]):
             raise ConfigError(f"{KEY}: {key} has shape {tuple(tensors[key].shape)}, {model_name}'s is "
-                              f"{tuple(ours[key].shape)} (the file holds a ViT of {describe(tensors)})")
+                              f"{shape_of(ours[key])} (the file holds a ViT of {describe(tensors)})")
     depth = len(encoder.blocks)
     if f"blocks.{depth - 1}.norm1.weight" not in tensors or f"blocks.{depth}.norm1.weight" in tensors:
         raise ConfigError(f"{KEY}: the file's encoder is not {depth} blocks deep like {model_name}'s "
                           f"({describe(tensors)})")
+
+
+def shape_of(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape (under ZeRO-3 the tensor is this rank's flat partition; ds_shape is the whole)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def has_layer_scale(encoder: nn.Module) -> bool:
@@ -318,9 +337,9 @@ def map_parts(roles: dict[str, dict[str, torch.Tensor]], objective: nn.Module, n
             if method != name or ours not in params:
                 imported.ignored.append(key)
                 continue
-            if tuple(value.shape) != tuple(params[ours].shape):
+            if tuple(value.shape) != shape_of(params[ours]):
                 raise ConfigError(f"{KEY}: {what}'s {key} has shape {tuple(value.shape)}, this run's is "
-                                  f"{tuple(params[ours].shape)} (set the objective's sizes to the file's)")
+                                  f"{shape_of(params[ours])} (set the objective's sizes to the file's)")
             imported.weights[ours] = value
     imported.ignored += list(roles["other"])
     fixed_head_norm(roles["dino_head"], params, imported)
@@ -346,8 +365,23 @@ def prefix_of(objective: nn.Module) -> str:
 
 
 def import_file(path: Path, objective: nn.Module, cfg: Any) -> Imported:
-    """`path`'s tensors as `objective`'s parameters (see the module docstring)."""
-    form, roles = split_roles(*read(path))
+    """`path`'s tensors as `objective`'s parameters (see the module docstring), and the file's teacher, where it
+    has one and the objective too, as the objective's teacher (`Imported.teacher`)."""
+    form, roles, teacher_roles = split_roles(*read(path))
+    imported = trained_side(form, roles, objective, cfg)
+    if teacher_roles is None:
+        return imported
+    to_teacher = {student: teacher for teacher, student in objective.teacher_pairs()}
+    if not to_teacher:
+        imported.ignored += [f"teacher.{key}" for role in teacher_roles.values() for key in role]
+        return imported
+    teacher = trained_side(form, teacher_roles, objective, cfg)
+    imported.teacher = {to_teacher[key]: value for key, value in teacher.weights.items()}
+    return imported
+
+
+def trained_side(form: str, roles: Roles, objective: nn.Module, cfg: Any) -> Imported:
+    """One side of the file (its model, or its student, or its teacher) as the objective's trained parameters."""
     layout = type(objective).encoder_layout(cfg.objective)
     encoder, notes, ignored = map_encoder(roles["encoder"], objective.trained_encoder(), layout, cfg.model.name)
     prefix = prefix_of(objective)
@@ -378,7 +412,10 @@ def load_initial(objective: nn.Module, cfg: Any, resuming: bool) -> list[str]:
     imported = import_file(Path(cfg.model.init_from), objective, cfg)
     load_weights(objective, imported.weights)
     lines = imported.report(cfg.model.init_from, fresh(objective, imported))
-    if objective.teacher_pairs():
+    if imported.teacher:
+        objective.initial_teacher = imported.teacher  # fp32; EMATeacher.initialize starts from it
+        lines.append(f"{KEY}: the teacher starts from the file's teacher ({len(imported.teacher)} tensors)")
+    elif objective.teacher_pairs():
         lines.append(f"{KEY}: the teacher starts as the student's copy, as in every new run")
     return lines
 

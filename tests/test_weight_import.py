@@ -121,15 +121,19 @@ def test_maes_checkpoints_load_with_their_decoder_when_they_have_one(tmp_path: P
     assert ("starts fresh (the file has none): decoder" in " ".join(lines)) is not full
 
 
-def dino_official(objective: torch.nn.Module) -> dict[str, object]:
+def dino_official(objective: torch.nn.Module, seed: int = 6) -> dict[str, object]:
     """DINO's full checkpoint: the student under DDP ("module.backbone.", "module.head."), the teacher bare
     ("backbone.", "head."), the loss's center, and args; its head's last layer keeps weight_g (1 with the default
     norm_last_layer)."""
+    torch.manual_seed(seed)
     student = {f"module.backbone.{k}": v for k, v in timm_state_dict(objective.student.backbone).items()}
     head = {k: v.detach().clone() for k, v in objective.student.head.state_dict().items()}
     head.setdefault("last_layer.weight_g", torch.ones(head["last_layer.weight_v"].shape[0], 1))
     student.update({f"module.head.{k}": v for k, v in head.items()})
-    teacher = {key.removeprefix("module."): torch.zeros_like(value) for key, value in student.items()}
+    teacher = {key.removeprefix("module."): value + 0.01 * torch.randn_like(value) for key, value in student.items()
+               if "pos_embed" not in key and "weight_g" not in key}  # a teacher apart from its student
+    teacher["backbone.pos_embed"] = student["module.backbone.pos_embed"] + 0.01
+    teacher["head.last_layer.weight_g"] = student["module.head.last_layer.weight_g"]
     return {"student": student, "teacher": teacher, "optimizer": {}, "epoch": 100,
             "dino_loss": {"center": torch.zeros(1, 8)}, "args": argparse.Namespace(arch="vit_tiny")}
 
@@ -143,8 +147,13 @@ def test_dinos_full_checkpoint_starts_the_student_backbone_and_head(tmp_path: Pa
     student = [name for name, _ in target.named_parameters() if name.startswith("student.")]
     assert all(torch.equal(dict(target.named_parameters())[name], ours[name]) for name in student)
     assert "the head's last-layer norm is 1, as this run's fixed norm" in lines[0]
-    assert lines[-1] == "model.init_from: the teacher starts as the student's copy, as in every new run"
+    assert lines[-1] == f"model.init_from: the teacher starts from the file's teacher ({len(student)} tensors)"
     assert not any("starts fresh" in line for line in lines), lines
+    written = dino_official(source)["teacher"]  # the same draws: seeded below
+    assert sorted(target.initial_teacher) == sorted(name for name, _ in target.named_parameters()
+                                                    if name.startswith("teacher."))
+    assert torch.equal(target.initial_teacher["teacher.backbone.blocks.3.mlp.fc1.weight"],
+                       written["backbone.blocks.3.mlp.fc1.weight"])
 
 
 def test_a_learned_norm_in_dinos_head_is_refused_when_the_run_fixes_it(tmp_path: Path) -> None:
@@ -350,3 +359,30 @@ def test_a_frozen_encoder_keeps_the_files_weights_while_the_fresh_decoder_learns
 def test_a_freeze_without_weights_to_keep_is_refused(overrides: list[str], said: str) -> None:
     with pytest.raises(ConfigError, match=said):
         load_config("debug/mae_vit_tiny", overrides)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_dino_run_starts_its_teacher_from_the_files_teacher(mini_shards: Path, tmp_path: Path, stage: int) -> None:
+    """DINO's full checkpoint into a real run, ZeRO-0 (a replicated fp32 teacher) and ZeRO-3 (partitioned): with
+    teacher momentum 1 the teacher does not move, so the checkpoint's fp32 teacher is the file's, bit for bit."""
+    from largessl.distributed.ema import read_teacher_fp32
+
+    source, _ = objective_for("dino_vit_tiny")
+    checkpoint = dino_official(source)
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    done = run_largessl(["pretrain", "--config", "debug/dino_vit_tiny", f"data.train={mini_shards}", "run.name=t",
+                         "tracking.enabled=false", "data.micro_batch_size=4", "optim.global_batch_size=4",
+                         "trainer.max_steps=1", "objective.teacher_momentum=1.0", f"distributed.zero_stage={stage}",
+                         f"model.init_from={tmp_path / 'checkpoint.pth'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model.init_from: the teacher starts from the file's teacher" in done.stdout
+    teacher = read_teacher_fp32(tmp_path / "runs" / "t" / "checkpoints" / "step_00000001")
+    written = {f"teacher.backbone.{key}": value for key, value in timm_state_dict_names(checkpoint["teacher"]).items()}
+    assert {name: teacher[name] for name in written}.keys() == written.keys()
+    assert all(torch.equal(teacher[name], value) for name, value in written.items())
+    assert torch.equal(teacher["teacher.head.mlp.0.weight"], checkpoint["teacher"]["head.mlp.0.weight"])
+
+
+def timm_state_dict_names(teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's teacher backbone under our encoder's names (timm's, which DINO's encoder shares)."""
+    return {key.removeprefix("backbone."): value for key, value in teacher.items() if key.startswith("backbone.")}

@@ -94,9 +94,23 @@ class EMATeacher:
 
     @torch.no_grad()
     def initialize(self) -> None:
-        """Teacher = student: an update with momentum 0 (0 t + 1 s = s exactly)."""
-        self.flat.zero_()
-        self.update(0.0)
+        """Teacher = student: an update with momentum 0 (0 t + 1 s = s exactly); or, where model.init_from gave the
+        run a teacher of its own (`module.initial_teacher`: name -> fp32 tensor), that teacher, each rank holding
+        its layout's part of it."""
+        start = getattr(self.engine.module, "initial_teacher", None)
+        if not start:
+            self.flat.zero_()
+            self.update(0.0)
+            return
+        for name, view in zip(self.names, self.views, strict=True):
+            whole = start[name].reshape(-1).to(view)
+            if self.layout == "partitioned":  # elements [r n, (r + 1) n) of the flattened tensor, zeros past its end
+                part = whole[comm.rank() * view.numel():(comm.rank() + 1) * view.numel()]
+                view.zero_()
+                view[:part.numel()].copy_(part)
+            else:
+                view.copy_(whole)
+        self._write_compute_copies()
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
