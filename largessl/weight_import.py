@@ -10,7 +10,12 @@ What a file is comes from its contents, never from its name:
   `_full` files: mask_token, decoder_embed, decoder_pos_embed, decoder_blocks, decoder_norm, decoder_pred);
 - DINO's full checkpoints, `{"student": ..., "teacher": ...}`: the student's backbone and head (DDP's `module.`
   prefix removed), and the teacher's as the run's teacher (EMATeacher.initialize starts its fp32 state from them);
-  elsewhere the teacher is the student's copy at the start, as in every new run.
+  elsewhere the teacher is the student's copy at the start, as in every new run;
+- CAE's checkpoints, `{"model": ...}` with `encoder.` (BEiT-style blocks: q_bias, v_bias, gamma_1/2), the
+  regressor (`regresser.regressor_blocks`) and decoder (`decoder.decoder_blocks`, `decoder.head`), all loaded;
+- SIM's checkpoints, `{"model": ...}` with the online encoder at the top (timm's names, no final norm): the encoder
+  (its projector and predictor use batch norms where ours use layer norms: they start fresh; its momentum branch
+  `mm_*` too: the teacher is the student's copy).
 Pickles are read with torch's weights-only loader (argparse's Namespace, which MAE and DINO store as `args`, is the
 one class it admits): a file cannot run code here.
 
@@ -161,18 +166,29 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def split_roles(form: str, contents: dict[str, Any]) -> tuple[str, Roles, Roles | None]:
     """(the form in words, the roles of the trained side, those of a teacher the file holds, or None); see
-    `roles_of`."""
-    teacher = None
+    `roles_of`. A checkpoint's state dict is found under `model` (MAE, CAE, SIM), `module` or `state_dict`."""
     if isinstance(contents.get("student"), dict) and isinstance(contents.get("teacher"), dict):
-        form, flat = "DINO full checkpoint", tensors_of(contents["student"])
         teacher = roles_of(tensors_of(contents["teacher"]), dino=True)
-    elif isinstance(contents.get("model"), dict):
-        flat = tensors_of(contents["model"])
-        form = "MAE checkpoint with its decoder" if any(k.startswith("decoder_") for k in flat) else "MAE checkpoint"
-    else:
-        flat = tensors_of(contents)
-        form = form if "directory" in form else f"{form} under timm's names"
-    return form, roles_of(flat, dino="DINO" in form), teacher
+        return "DINO full checkpoint", roles_of(tensors_of(contents["student"]), dino=True), teacher
+    wrapper = next((key for key in ("model", "module", "state_dict") if isinstance(contents.get(key), dict)), "")
+    flat = tensors_of(contents[wrapper] if wrapper else contents)
+    if "encoder.cls_token" in flat:
+        return "CAE checkpoint", cae_roles(flat), None
+    if any(key.startswith(SIM_ONLY) for key in flat):
+        roles = roles_of(flat, dino=False)
+        roles["other"].update(roles.pop("mae_decoder"))  # SIM's decoder_* are its projector's and predictor's
+        roles["mae_decoder"] = {}
+        return "SIM checkpoint", roles, None
+    if any(key.startswith("decoder_") for key in flat):
+        form = "MAE checkpoint with its decoder"
+    elif wrapper:
+        form = f"checkpoint, its '{wrapper}' under timm's names"
+    elif "directory" not in form:
+        form = f"{form} under timm's names"
+    return form, roles_of(flat, dino=False), None
+
+
+SIM_ONLY = ("mm_", "projector_decoder_blocks.", "predictor_decoder_blocks.")  # SIM's target branch and heads
 
 
 Roles = dict[str, dict[str, torch.Tensor]]
@@ -196,6 +212,52 @@ def roles_of(flat: dict[str, torch.Tensor], dino: bool) -> Roles:
         else:
             roles["other"][key] = value
     return roles
+
+
+def cae_roles(flat: dict[str, torch.Tensor]) -> Roles:
+    """CAE's pretraining model (its repository's names): `encoder.` (BEiT-style blocks: q_bias, v_bias, gamma_1/2,
+    turned into timm's names), the regressor and decoder (`cae_parts`); its alignment encoder (a copy of the
+    encoder), the regressor's fixed position table and the rest are `other`."""
+    roles: Roles = {"encoder": {}, "mae_decoder": {}, "dino_head": {}, "cae_parts": {}, "other": {}}
+    for key, value in flat.items():
+        if key.startswith("encoder."):
+            roles["encoder"][key.removeprefix("encoder.")] = value
+        elif cae_part_name(key) is not None:
+            roles["cae_parts"][key] = value
+        else:
+            roles["other"][key] = value
+    roles["encoder"] = beit_to_timm(roles["encoder"])
+    return roles
+
+
+CAE_PARTS = (("regresser.regressor_blocks.", "regressor.blocks."), ("regresser.norm.", "regressor.norm."),
+             ("decoder.decoder_blocks.", "decoder.blocks."), ("decoder.norm.", "decoder.norm."),
+             ("decoder.head.", "decoder.head."))
+CAE_IN_BLOCK = {"norm2_cross": "norm2", "mlp_cross": "mlp", "gamma_1_cross": "gamma_1", "gamma_2_cross": "gamma_2"}
+
+
+def cae_part_name(key: str) -> str | None:
+    """Our name for a regressor or decoder tensor of CAE's repository (regresser.regressor_blocks.N.mlp_cross.fc1
+    -> regressor.blocks.N.mlp.fc1), None for anything else."""
+    if key == "mask_token":
+        return "regressor.mask_token"
+    for theirs, ours in CAE_PARTS:
+        if key.startswith(theirs):
+            return ours + ".".join(CAE_IN_BLOCK.get(part, part) for part in key.removeprefix(theirs).split("."))
+    return None
+
+
+def beit_to_timm(encoder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BEiT-style block names (CAE's) as timm's: gamma_1/2 -> ls1/ls2.gamma, q_bias and v_bias -> one qkv bias with
+    a zero k part."""
+    out = dict(encoder)
+    for key in [key for key in encoder if key.endswith(".attn.q_bias")]:
+        prefix = key.removesuffix("attn.q_bias")
+        q_bias, v_bias = out.pop(key), out.pop(prefix + "attn.v_bias")
+        out[prefix + "attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+    for key in [key for key in encoder if key.endswith((".gamma_1", ".gamma_2"))]:
+        out[key.removesuffix("gamma_1").removesuffix("gamma_2") + f"ls{key[-1]}.gamma"] = out.pop(key)
+    return out
 
 
 def tensors_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -323,6 +385,7 @@ def mae_decoder_name(key: str) -> str:
 PARTS = {  # role -> (objective, how the file's names become the objective's, what they are)
     "mae_decoder": ("mae", mae_decoder_name, "MAE's decoder"),
     "dino_head": ("dino", lambda key: f"student.head.{key}", "DINO's head"),
+    "cae_parts": ("cae", lambda key: cae_part_name(key) or key, "CAE's regressor and decoder"),
 }
 
 
@@ -332,7 +395,7 @@ def map_parts(roles: dict[str, dict[str, torch.Tensor]], objective: nn.Module, n
     those of another method, and anything else, are ignored."""
     params = dict(objective.named_parameters())
     for role, (method, rename, what) in PARTS.items():
-        for key, value in roles[role].items():
+        for key, value in roles.get(role, {}).items():
             ours = rename(key)
             if method != name or ours not in params:
                 imported.ignored.append(key)
@@ -342,7 +405,7 @@ def map_parts(roles: dict[str, dict[str, torch.Tensor]], objective: nn.Module, n
                                   f"{shape_of(params[ours])} (set the objective's sizes to the file's)")
             imported.weights[ours] = value
     imported.ignored += list(roles["other"])
-    fixed_head_norm(roles["dino_head"], params, imported)
+    fixed_head_norm(roles.get("dino_head", {}), params, imported)
 
 
 def fixed_head_norm(head: dict[str, torch.Tensor], params: dict[str, nn.Parameter], imported: Imported) -> None:

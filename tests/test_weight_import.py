@@ -116,7 +116,7 @@ def test_maes_checkpoints_load_with_their_decoder_when_they_have_one(tmp_path: P
     decoder = {name for name, _ in target.named_parameters() if name.startswith("decoder.")}
     encoder = {name for name, _ in target.named_parameters() if name.startswith("encoder.")}
     assert loaded == (encoder | decoder if full else encoder)
-    form = "MAE checkpoint with its decoder" if full else "MAE checkpoint"
+    form = "MAE checkpoint with its decoder" if full else "checkpoint, its 'model' under timm's names"
     assert lines[0].startswith(f"model.init_from: {tmp_path / 'mae.pth'} ({form}): ")
     assert ("starts fresh (the file has none): decoder" in " ".join(lines)) is not full
 
@@ -177,6 +177,74 @@ def test_cae_drops_the_k_bias_and_keeps_the_features(tmp_path: Path) -> None:
     assert imported.notes == ["k biases dropped (BEiT-style blocks have none; attention does not change)"]
     load_initial_into(target, cfg, tmp_path / "cae.safetensors")
     assert torch.allclose(features(target.trained_encoder()), features(source.trained_encoder()), atol=1e-5)
+
+
+def cae_official(objective: torch.nn.Module) -> dict[str, object]:
+    """CAE's pretraining checkpoint as its repository (Atten4Vis/CAE, models/modeling_cae.py, furnace/utils.py)
+    saves it: {"model", "optimizer", "epoch", "scaler", "args"}; the encoder under `encoder.` with BEiT-style blocks
+    (q_bias, v_bias, gamma_1/2: our encoder's own names), its copy `alignment_encoder.`, `mask_token`, the
+    regressor's fixed table `rd_pos_embed`, `regresser.regressor_blocks.N.` (norm1_q/k/v, cross_attn, norm2_cross,
+    mlp_cross, gamma_1_cross/gamma_2_cross), `regresser.norm`, `decoder.decoder_blocks.N.`, `decoder.norm`,
+    `decoder.head`."""
+    params = {name: p.detach().clone() for name, p in objective.named_parameters()}
+    model = {name: value for name, value in params.items() if name.startswith("encoder.")}
+    model["encoder.pos_embed"] = objective.encoder.pos_embed.detach().clone()
+    model.update({"alignment_" + name: value.clone() for name, value in model.items()})
+    model["mask_token"] = params["regressor.mask_token"]
+    model["rd_pos_embed"] = objective.pos_embed.detach().clone()
+    cross = {"norm2": "norm2_cross", "mlp": "mlp_cross", "gamma_1": "gamma_1_cross", "gamma_2": "gamma_2_cross"}
+    for name, value in params.items():
+        if name.startswith("regressor.blocks."):
+            index, rest = name.removeprefix("regressor.blocks.").split(".", 1)
+            head, _, tail = rest.partition(".")
+            model[f"regresser.regressor_blocks.{index}.{cross.get(head, head)}" + (f".{tail}" if tail else "")] = value
+        elif name.startswith("regressor.norm."):
+            model[name.replace("regressor.", "regresser.")] = value
+        elif name.startswith("decoder.blocks."):
+            model[name.replace("decoder.blocks.", "decoder.decoder_blocks.")] = value
+        elif name.startswith("decoder."):
+            model[name] = value
+    return {"model": model, "optimizer": {}, "epoch": 1599, "scaler": {}, "args": argparse.Namespace(model="cae")}
+
+
+def test_caes_checkpoint_loads_encoder_regressor_and_decoder(tmp_path: Path) -> None:
+    source, cfg = objective_for("cae_vit_tiny")
+    torch.save(cae_official(source), tmp_path / "cae.pth")
+    target, _ = objective_for("cae_vit_tiny", seed=9)
+    lines = load_initial_into(target, cfg, tmp_path / "cae.pth")
+    ours = dict(source.named_parameters())
+    assert all(torch.equal(param, ours[name]) for name, param in target.named_parameters())
+    assert lines[0].startswith(f"model.init_from: {tmp_path / 'cae.pth'} (CAE checkpoint): "
+                               f"{len(ours)} tensors loaded")
+    assert lines[1].startswith("model.init_from: ignored (nothing here uses them): alignment_encoder.cls_token, ")
+    assert "alignment_encoder.blocks (180 tensors)" in lines[1] and lines[1].endswith(", rd_pos_embed")
+
+
+def sim_official(objective: torch.nn.Module) -> dict[str, object]:
+    """SIM's pretraining checkpoint (OpenGVLab/Siamese-Image-Modeling, models_sim.py, util/misc.py): {"model", ...}
+    with the online encoder at the top under timm's names (no final norm; pos_embed a fixed table), its projector
+    (decoder_embed, projector_decoder_blocks.N with batch norms: norm1.bn.*), predictor (mask_token,
+    decoder_pos_embed, decoder_pos_mlp, predictor_decoder_blocks.N, decoder_pred) and the momentum branch (mm_*)."""
+    model = dict(timm_state_dict(objective.trained_encoder()))
+    model.update({"decoder_embed.weight": torch.randn(192, 192), "decoder_embed.bias": torch.zeros(192),
+                  "projector_decoder_blocks.0.norm1.bn.weight": torch.ones(192),
+                  "projector_decoder_blocks.0.norm1.bn.running_mean": torch.zeros(192),
+                  "mask_token": torch.zeros(1, 1, 192), "decoder_pred.weight": torch.randn(192, 192),
+                  "mm_cls_token": model["cls_token"].clone(), "mm_blocks.0.attn.qkv.weight": torch.randn(576, 192)})
+    return {"model": model, "optimizer": {}, "epoch": 1599, "args": argparse.Namespace(model="sim")}
+
+
+def test_sims_checkpoint_loads_its_online_encoder(tmp_path: Path) -> None:
+    source, cfg = objective_for("sim_vit_tiny")
+    torch.save(sim_official(source), tmp_path / "sim.pth")
+    target, _ = objective_for("sim_vit_tiny", seed=9)
+    lines = load_initial_into(target, cfg, tmp_path / "sim.pth")
+    ours = dict(source.trained_encoder().named_parameters())
+    assert all(torch.equal(param, ours[name]) for name, param in target.trained_encoder().named_parameters())
+    assert lines[0].startswith(f"model.init_from: {tmp_path / 'sim.pth'} (SIM checkpoint): {len(ours)} tensors")
+    assert "starts fresh (the file has none): projector.embed (2 tensors), projector.blocks (24 tensors)" in lines[1]
+    assert "decoder_embed" in lines[2] and "mm_cls_token" in lines[2]
+    assert lines[-1] == "model.init_from: the teacher starts as the student's copy, as in every new run"
 
 
 @pytest.mark.parametrize(("recipe", "model", "match"), [
