@@ -454,3 +454,22 @@ def test_a_dino_run_starts_its_teacher_from_the_files_teacher(mini_shards: Path,
 def timm_state_dict_names(teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The file's teacher backbone under our encoder's names (timm's, which DINO's encoder shares)."""
     return {key.removeprefix("backbone."): value for key, value in teacher.items() if key.startswith("backbone.")}
+
+
+def test_a_dino_run_from_its_own_export_starts_its_teacher_as_the_export(mini_shards: Path, tmp_path: Path) -> None:
+    """An exported DINO encoder (the teacher, timm's names) continued in a new run: the student starts as the
+    export and the teacher as the student's copy, so with teacher momentum 1 the checkpoint's fp32 teacher
+    backbone is the export, bit for bit (the same teacher features)."""
+    from largessl.distributed.ema import read_teacher_fp32
+
+    source, _ = objective_for("dino_vit_tiny")
+    exported = timm_state_dict(source.trained_encoder())
+    save_file(exported, tmp_path / "export.safetensors")
+    done = run_largessl(["pretrain", "--config", "debug/dino_vit_tiny", f"data.train={mini_shards}", "run.name=e",
+                         "tracking.enabled=false", "data.micro_batch_size=4", "optim.global_batch_size=4",
+                         "trainer.max_steps=1", "objective.teacher_momentum=1.0",
+                         f"model.init_from={tmp_path / 'export.safetensors'}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model.init_from: the teacher starts as the student's copy, as in every new run" in done.stdout
+    teacher = read_teacher_fp32(tmp_path / "runs" / "e" / "checkpoints" / "step_00000001")
+    assert all(torch.equal(teacher[f"teacher.backbone.{key}"], value) for key, value in exported.items())
