@@ -314,15 +314,30 @@ def map_encoder(tensors: dict[str, torch.Tensor], encoder: nn.Module, layout: di
                 model_name: str) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """The file's encoder (timm's names) as `encoder`'s parameters: (weights, notes, ignored names)."""
     check_architecture(tensors, encoder, model_name)
-    tensors, ignored = dict(tensors), []
-    notes = positions(tensors, encoder, layout)
+    tensors = dict(tensors)
+    notes = positions(tensors, encoder, layout) + zero_qkv_biases(tensors, encoder)
     if has_layer_scale(encoder):
         notes += beit_blocks(tensors, encoder)
     if "norm.weight" in tensors and isinstance(encoder.norm, nn.Identity):
         notes.append("the file's final norm is not used (this objective's encoder has none)")
     params = dict(encoder.named_parameters())
-    ignored += sorted(set(tensors) - set(params))  # a classifier, or the final norm above
+    missing = [key for key in params if key not in tensors]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConfigError(f"{KEY}: the file's encoder lacks {missing[0]}{more} (a damaged or partial file)")
+    ignored = sorted(set(tensors) - set(params))  # a classifier, or the final norm above
     return {key: value for key, value in tensors.items() if key in params}, notes, ignored
+
+
+def zero_qkv_biases(tensors: dict[str, torch.Tensor], encoder: nn.Module) -> list[str]:
+    """A file whose attention has no q, k, v biases (timm's qkv_bias=False) gets zero ones: the same function."""
+    absent = [f"blocks.{i}.attn.qkv.bias" for i in range(len(encoder.blocks))
+              if f"blocks.{i}.attn.qkv.bias" not in tensors]
+    if len(absent) != len(encoder.blocks):
+        return []  # some blocks have one: a partial file, said by the check for missing tensors
+    for key in absent:
+        tensors[key] = torch.zeros(3 * encoder.dim)
+    return ["q, k and v biases set to 0 (the file's attention has none: the same function)"]
 
 
 def positions(tensors: dict[str, torch.Tensor], encoder: nn.Module, layout: dict[str, Any]) -> list[str]:

@@ -473,3 +473,23 @@ def test_a_dino_run_from_its_own_export_starts_its_teacher_as_the_export(mini_sh
     assert "model.init_from: the teacher starts as the student's copy, as in every new run" in done.stdout
     teacher = read_teacher_fp32(tmp_path / "runs" / "e" / "checkpoints" / "step_00000001")
     assert all(torch.equal(teacher[f"teacher.backbone.{key}"], value) for key, value in exported.items())
+
+
+def test_a_file_without_qkv_biases_gets_zero_ones_and_keeps_its_features(tmp_path: Path) -> None:
+    model = timm_vit(qkv_bias=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "vit.safetensors")
+    objective, cfg = objective_for("dino_vit_tiny")
+    imported = import_file(tmp_path / "vit.safetensors", objective, cfg)
+    assert imported.notes == ["q, k and v biases set to 0 (the file's attention has none: the same function)"]
+    load_initial_into(objective, cfg, tmp_path / "vit.safetensors")
+    with torch.no_grad():
+        theirs = model.forward_features(IMAGES)
+    assert torch.allclose(features(objective.trained_encoder()), theirs, atol=1e-5)
+
+
+def test_a_partial_encoder_is_refused_not_filled_with_random_weights(tmp_path: Path) -> None:
+    state = {k: v.contiguous() for k, v in timm_vit().state_dict().items() if k != "blocks.5.mlp.fc2.bias"}
+    save_file(state, tmp_path / "vit.safetensors")
+    objective, cfg = objective_for("dino_vit_tiny")
+    with pytest.raises(ConfigError, match=r"the file's encoder lacks blocks.5.mlp.fc2.bias \(a damaged or partial"):
+        import_file(tmp_path / "vit.safetensors", objective, cfg)
