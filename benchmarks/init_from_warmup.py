@@ -10,7 +10,8 @@ not what a new domain gains.
 
     python benchmarks/init_from_warmup.py DATA_DIR WORKDIR [--source-steps 300] [--steps 150] [--warmup 50]
 
-DATA_DIR holds train and val splits (`make demo` leaves demo/shards). Takes about 25 minutes on 2 CPU cores.
+DATA_DIR holds train and val splits (`make demo` leaves demo/shards). Takes about 23 minutes on 2 CPU cores
+(docs/benchmarks.md has its numbers).
 """
 
 from __future__ import annotations
