@@ -41,6 +41,19 @@ def check_pretrain(cfg: PretrainConfig) -> None:
                 check_labels(found, pair)
         for key, path in getattr(cfg.objective, "input_files", dict)().items():
             check_file(key, path)
+        check_init_from(cfg)
+
+
+def check_init_from(cfg: PretrainConfig) -> None:
+    """model.init_from names a file or directory, unless the run resumes from its own checkpoint: the file is not
+    read then, and a requeued job must not need it."""
+    from largessl.checkpoint import newest_complete
+
+    source = cfg.model.init_from
+    if not source or Path(source).expanduser().exists():
+        return
+    if not newest_complete(Path(cfg.run.output_dir) / cfg.run.name / "checkpoints"):
+        raise ConfigError(f"model.init_from: {source} does not exist")
 
 
 def check_labels(found: dict[str, SplitIndex], pair: tuple[str, str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -493,3 +494,13 @@ def test_a_partial_encoder_is_refused_not_filled_with_random_weights(tmp_path: P
     objective, cfg = objective_for("dino_vit_tiny")
     with pytest.raises(ConfigError, match=r"the file's encoder lacks blocks.5.mlp.fc2.bias \(a damaged or partial"):
         import_file(tmp_path / "vit.safetensors", objective, cfg)
+
+
+def test_a_missing_file_is_said_before_torch_loads_and_nothing_is_written(mini_shards: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = run_largessl(["pretrain", "--config", "debug/mae_vit_tiny", f"data.train={mini_shards}", "run.name=m",
+                         "tracking.enabled=false", f"model.init_from={tmp_path / 'absent.pth'}"], tmp_path)
+    assert done.returncode == 2 and time.monotonic() - started < 5
+    assert done.stderr.strip().splitlines() == [f"largessl: error: model.init_from: {tmp_path / 'absent.pth'} does not "
+                                                "exist"]
+    assert not (tmp_path / "runs").exists()
