@@ -30,10 +30,6 @@ def keep_in(run_dir: Path, rank: int) -> None:
     _target = run_dir / DIR / f"rank_{rank}.log"
 
 
-def target() -> Path | None:
-    return _target
-
-
 def say(line: str) -> None:
     """A rank's last line: on stderr, and kept in the run directory."""
     err_line(line)

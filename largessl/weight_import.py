@@ -42,7 +42,6 @@ from torch import nn
 from largessl.errors import ConfigError
 
 KEY = "model.init_from"
-CLASSIFIER = ("head.", "fc_norm.", "head_drop.")  # timm's classifier parts: never the objective's
 UNSUPPORTED = {"reg_token": "register tokens", "dist_token": "a distillation token",
                "blocks.0.ls1.gamma": "layer scale"}
 
@@ -248,15 +247,12 @@ def cae_part_name(key: str) -> str | None:
 
 
 def beit_to_timm(encoder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BEiT-style block names (CAE's) as timm's: gamma_1/2 -> ls1/ls2.gamma, q_bias and v_bias -> one qkv bias with
-    a zero k part."""
+    """BEiT-style block names (CAE's) as timm's, block by block (timm_format.fold_beit_block, as the export)."""
+    from largessl.models.timm_format import fold_beit_block
+
     out = dict(encoder)
-    for key in [key for key in encoder if key.endswith(".attn.q_bias")]:
-        prefix = key.removesuffix("attn.q_bias")
-        q_bias, v_bias = out.pop(key), out.pop(prefix + "attn.v_bias")
-        out[prefix + "attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
-    for key in [key for key in encoder if key.endswith((".gamma_1", ".gamma_2"))]:
-        out[key.removesuffix("gamma_1").removesuffix("gamma_2") + f"ls{key[-1]}.gamma"] = out.pop(key)
+    for index in {key.split(".")[1] for key in encoder if key.startswith("blocks.")}:
+        fold_beit_block(out, f"blocks.{index}.")
     return out
 
 
@@ -370,23 +366,24 @@ def positions(tensors: dict[str, torch.Tensor], encoder: nn.Module, layout: dict
 
 
 def beit_blocks(tensors: dict[str, torch.Tensor], encoder: nn.Module) -> list[str]:
-    """timm's blocks as BEiT's (CAE): layer scales renamed (or 1 where the file has none: the same function), the
-    fused qkv bias split into q and v biases, the k bias dropped (it moves every key's logit of a query alike)."""
-    notes = []
+    """timm's blocks as BEiT's (CAE), through timm_format.unfold_beit_block (the export's inverse), after two
+    adaptations it refuses: layer scales of 1 where the file has none, and the k bias dropped (it moves every key's
+    logit of a query alike)."""
+    from largessl.models.timm_format import unfold_beit_block
+
+    notes = set()
     for index in range(len(encoder.blocks)):
         prefix = f"blocks.{index}."
-        dim = encoder.dim
-        for ours, theirs in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
-            tensors[prefix + ours] = tensors.pop(prefix + theirs, None)
-            if tensors[prefix + ours] is None:
-                tensors[prefix + ours] = torch.ones(dim)
-                notes.append("layer scales set to 1 (the file's blocks have none: the same function)")
-        bias = tensors.pop(prefix + "attn.qkv.bias", torch.zeros(3 * dim))
-        q_bias, k_bias, v_bias = bias.chunk(3)
-        tensors[prefix + "attn.q_bias"], tensors[prefix + "attn.v_bias"] = q_bias, v_bias
+        for scale in ("ls1.gamma", "ls2.gamma"):
+            if prefix + scale not in tensors:
+                tensors[prefix + scale] = torch.ones(encoder.dim)
+                notes.add("layer scales set to 1 (the file's blocks have none: the same function)")
+        q_bias, k_bias, v_bias = tensors.get(prefix + "attn.qkv.bias", torch.zeros(3 * encoder.dim)).chunk(3)
         if k_bias.any():
-            notes.append("k biases dropped (BEiT-style blocks have none; attention does not change)")
-    return sorted(set(notes))
+            notes.add("k biases dropped (BEiT-style blocks have none; attention does not change)")
+        tensors[prefix + "attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(k_bias), v_bias])
+        unfold_beit_block(tensors, prefix)
+    return sorted(notes)
 
 
 # ----------------------------------------------------------------------------- the objective

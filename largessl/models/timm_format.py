@@ -63,11 +63,14 @@ def timm_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fold_beit_block(state: dict[str, torch.Tensor], prefix: str) -> None:
-    """timm's beit.Block (CAE) -> vision_transformer.Block: layer scales renamed, q/0/v biases as one qkv bias."""
-    state[prefix + "ls1.gamma"] = state.pop(prefix + "gamma_1")
-    state[prefix + "ls2.gamma"] = state.pop(prefix + "gamma_2")
-    q_bias, v_bias = state.pop(prefix + "attn.q_bias"), state.pop(prefix + "attn.v_bias")
-    state[prefix + "attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+    """timm's beit.Block (CAE) -> vision_transformer.Block: layer scales renamed, q/0/v biases as one qkv bias
+    (each where the block has it: a file written without layer scale or biases has none to rename)."""
+    for theirs, ours in (("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")):
+        if prefix + theirs in state:
+            state[prefix + ours] = state.pop(prefix + theirs)
+    if prefix + "attn.q_bias" in state:
+        q_bias, v_bias = state.pop(prefix + "attn.q_bias"), state.pop(prefix + "attn.v_bias")
+        state[prefix + "attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
 
 
 def from_timm_state_dict(state: dict[str, torch.Tensor], encoder: nn.Module) -> dict[str, torch.Tensor]:
